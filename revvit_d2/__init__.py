@@ -1,0 +1,30 @@
+"""revvit_d2: Reversible Vision Transformers (Rev-ViT, Rev-MViT) for downstream vision.
+
+The core (``revvit_d2.modeling``, ``revvit_d2.checkpoint``, ``revvit_d2.official``) is plain
+torch and never imports detectron2; the Detectron2 wrapping lives in ``revvit_d2.d2``.
+"""
+from .checkpoint import (
+    CheckpointMismatchError,
+    convert_mmpretrain_state_dict,
+    convert_slowfast_state_dict,
+    convert_state_dict,
+    load_pretrained,
+)
+from .modeling import RevViT, create_model, get_pretrained_cfg, list_models
+from .official import build_from_mmpretrain_cfg, build_from_slowfast_cfg
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointMismatchError",
+    "RevViT",
+    "build_from_mmpretrain_cfg",
+    "build_from_slowfast_cfg",
+    "convert_mmpretrain_state_dict",
+    "convert_slowfast_state_dict",
+    "convert_state_dict",
+    "create_model",
+    "get_pretrained_cfg",
+    "list_models",
+    "load_pretrained",
+]

@@ -1,0 +1,154 @@
+"""Rev-ViT: the isotropic reversible Vision Transformer.
+
+Mangalam et al., "Reversible Vision Transformers", CVPR 2022 (https://arxiv.org/abs/2302.04869).
+Faithful to the official SlowFast model (``MViT`` with ``MVIT.REV.ENABLE`` and no pooling): same
+arithmetic, same initialisation; official checkpoints load through
+:func:`revvit_d2.convert_slowfast_state_dict`. Differences: the head returns logits in eval mode
+too (the official head applies softmax in eval), q/k/v are one fused Linear, and the global RNG
+is never re-seeded.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .layers import (
+    AttentionSubBlock,
+    MlpSubBlock,
+    PatchEmbed,
+    TwoStreamFusion,
+    init_official_weights,
+    resize_pos_embed,
+)
+from .reversible import ReversibleBlock, reversible_stack
+
+__all__ = ["RevViT"]
+
+
+class RevViT(nn.Module):
+    """Reversible ViT (no class token, mean pooling over the concatenated streams).
+
+    ::
+
+        image ─ patch embed ─ + pos ─┬─ X1 ─┐ ┌──────────────┐ ┌─ Y1 ─┐
+                                      │      ├─┤ rev block x L ├─┤      ├─ cat ─ LN(2C) ─ mean ─ head
+                                      └─ X2 ─┘ └──────────────┘ └─ Y2 ─┘
+
+    Args:
+        img_size (int or tuple): training image size; defines the position-embedding grid.
+        patch_size (int): patch size and stride of the stem.
+        in_chans (int): input channels.
+        embed_dim (int): width C of each stream.
+        depth (int): number of reversible blocks.
+        num_heads (int): attention heads.
+        mlp_ratio (float): MLP hidden width / C.
+        qkv_bias (bool): bias on the qkv projection.
+        drop_path_rate (float): stochastic depth, linear from 0 to this over the blocks.
+        dropout_rate (float): dropout after the position embedding, after each attention
+            projection and on the stack output (official ``MVIT.DROPOUT_RATE``).
+        head_dropout_rate (float): dropout before the classifier (``MODEL.DROPOUT_RATE``).
+        num_classes (int): classes; 0 builds no head and ``forward`` returns pooled features.
+        fuse (str): how the two streams are merged at the end (:class:`TwoStreamFusion`).
+        use_rev_backprop (bool): memory-saving reversible backward (False: plain autograd).
+        check_finite (bool): raise naming the first block whose output is not finite.
+        pos_embed_interp (str): interpolation used when the input grid differs from the
+            training grid ("bicubic").
+    """
+
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans=3,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        dropout_rate=0.0,
+        head_dropout_rate=0.0,
+        num_classes=1000,
+        fuse="concat",
+        use_rev_backprop=True,
+        check_finite=False,
+        pos_embed_interp="bicubic",
+    ):
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        for s in img_size:
+            if s % patch_size:
+                raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_classes = num_classes
+        self.use_rev_backprop = use_rev_backprop
+        self.check_finite = check_finite
+        self.pos_embed_interp = pos_embed_interp
+        self.patch_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, (patch_size,) * 2, (patch_size,) * 2,
+                                      (0, 0), conv_2d=True)
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.patch_grid), embed_dim))
+        self.pos_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            ReversibleBlock(
+                AttentionSubBlock(embed_dim, num_heads, qkv_bias=qkv_bias, proj_drop=dropout_rate),
+                MlpSubBlock(embed_dim, mlp_ratio),
+                drop_path_rate=dpr[i],
+            )
+            for i in range(depth)
+        )
+        self.stack_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
+        self.fuse = TwoStreamFusion(fuse, 2 * embed_dim)
+        self.num_features = embed_dim if self.fuse.halves_width else 2 * embed_dim
+        # Official order: LayerNorm over the 2C concatenation, then fusion, then token mean.
+        self.norm = nn.LayerNorm(2 * embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(head_dropout_rate) if head_dropout_rate > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(init_official_weights)
+
+    @property
+    def block_names(self) -> List[str]:
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
+    def _pos_embed(self, grid: Tuple[int, int]) -> torch.Tensor:
+        # A different input size is handled by interpolating the learned embedding (documented
+        # in docs/models.md); the stored parameter is never changed.
+        return resize_pos_embed(self.pos_embed, self.patch_grid, grid, self.pos_embed_interp)
+
+    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+        """(B, 3, H, W) -> tokens (B, N, 2C) of the two concatenated streams, and the grid."""
+        H, W = x.shape[-2:]
+        if x.ndim != 4 or H % self.patch_size or W % self.patch_size:
+            raise ValueError(
+                f"RevViT expects (B, C, H, W) with H and W multiples of the patch size "
+                f"{self.patch_size}; got shape {tuple(x.shape)}")
+        x, thw = self.patch_embed(x)  # (B, N, C)
+        x = self.pos_drop(x + self._pos_embed(thw[1:]))
+        y1, y2 = reversible_stack(self.blocks, x, x, thw, self.use_rev_backprop,
+                                  self.check_finite, self.block_names)
+        return self.stack_drop(torch.cat([y1, y2], dim=-1)), thw
+
+    def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """(B, 3, H, W) -> {"last_feat": (B, num_features, H/16, W/16)}: normalised, fused
+        streams laid out NCHW at stride ``patch_size``."""
+        tokens, (_, h, w) = self.forward_tokens(x)
+        feat = self.fuse(self.norm(tokens))  # (B, N, num_features)
+        return {"last_feat": feat.transpose(1, 2).reshape(feat.shape[0], -1, h, w)}
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, 2C) -> logits (B, classes) (or pooled features if num_classes == 0)."""
+        x = self.fuse(self.norm(tokens)).mean(dim=1)  # (B, num_features)
+        return self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> logits (B, num_classes); never softmax."""
+        tokens, _ = self.forward_tokens(x)
+        return self.forward_head(tokens)
