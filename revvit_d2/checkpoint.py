@@ -30,6 +30,7 @@ __all__ = [
     "convert_mmpretrain_state_dict",
     "convert_state_dict",
     "detect_format",
+    "describe_mapping",
     "unwrap_checkpoint",
     "load_pretrained",
     "CheckpointMismatchError",
@@ -74,6 +75,17 @@ def _strip_module(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Ten
     return out
 
 
+_QKV = re.compile(r"(.*\.attn\.)([qkv])\.(weight|bias)$")
+
+
+def _slowfast_key(key: str) -> str:
+    if key.startswith("rev_backbone.layers."):
+        return "blocks." + key[len("rev_backbone.layers."):]
+    if key.startswith("head.projection."):
+        return "head." + key[len("head.projection."):]
+    return key
+
+
 def convert_slowfast_state_dict(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
     """Map an official SlowFast Rev-ViT / Rev-MViT state dict (or a dict of its gradients) to
     revvit names.
@@ -84,20 +96,15 @@ def convert_slowfast_state_dict(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[
     """
     sd = _strip_module(unwrap_checkpoint(sd))
     out = OrderedDict()
-    pending: Dict[str, Dict[str, torch.Tensor]] = {}
+    pending: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
-        new = key
-        if new.startswith("rev_backbone.layers."):
-            new = "blocks." + new[len("rev_backbone.layers."):]
-        elif new.startswith("head.projection."):
-            new = "head." + new[len("head.projection."):]
-        m = re.match(r"(.*\.attn\.)([qkv])\.(weight|bias)$", new)
+        new = _slowfast_key(key)
+        m = _QKV.match(new)
         if m:
-            pending.setdefault(m.group(1) + "|" + m.group(3), {})[m.group(2)] = value
-            continue
-        out[new] = value
-    for key, parts in pending.items():
-        prefix, suffix = key.split("|")
+            pending.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        else:
+            out[new] = value
+    for (prefix, suffix), parts in pending.items():
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"{prefix}: found {sorted(parts)} of the separate q/k/v "
                            f"{suffix}s; all three are needed to build {prefix}qkv.{suffix}")
@@ -122,6 +129,25 @@ def _drop_extra_pos_row(pos: torch.Tensor) -> torch.Tensor:
     return pos
 
 
+def _mmpretrain_key(key: str) -> Optional[str]:
+    if key == "backbone.cls_token":
+        return None
+    if key.startswith("backbone.layers."):
+        idx, rest = key[len("backbone.layers."):].split(".", 1)
+        for old, repl in _MMPRETRAIN_LAYER_RENAMES:
+            if rest.startswith(old):
+                rest = repl + rest[len(old):]
+                break
+        return f"blocks.{idx}.{rest}"
+    for old, repl in (("backbone.ln1.", "norm."),
+                      ("backbone.patch_embed.projection.", "patch_embed.proj."),
+                      ("backbone.", ""),
+                      ("head.fc.", "head.")):
+        if key.startswith(old):
+            return repl + key[len(old):]
+    return key
+
+
 def convert_mmpretrain_state_dict(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
     """Map an mmpretrain ``RevVisionTransformer`` classifier state dict (or its gradients) to
     revvit names.
@@ -136,29 +162,38 @@ def convert_mmpretrain_state_dict(sd: Mapping[str, torch.Tensor]) -> "OrderedDic
     sd = _strip_module(unwrap_checkpoint(sd))
     out = OrderedDict()
     for key, value in sd.items():
-        new = key
-        if new == "backbone.cls_token":
-            logger.info("dropping backbone.cls_token (RevViT has no class token)")
+        new = _mmpretrain_key(key)
+        if new is None:
+            logger.info("dropping %s (RevViT has no class token)", key)
             continue
-        if new.startswith("backbone.layers."):
-            idx, rest = new[len("backbone.layers."):].split(".", 1)
-            for old, repl in _MMPRETRAIN_LAYER_RENAMES:
-                if rest.startswith(old):
-                    rest = repl + rest[len(old):]
-                    break
-            new = f"blocks.{idx}.{rest}"
-        elif new.startswith("backbone.ln1."):
-            new = "norm." + new[len("backbone.ln1."):]
-        elif new.startswith("backbone.patch_embed.projection."):
-            new = "patch_embed.proj." + new[len("backbone.patch_embed.projection."):]
-        elif new.startswith("backbone."):
-            new = new[len("backbone."):]
-        elif new.startswith("head.fc."):
-            new = "head." + new[len("head.fc."):]
         if new == "pos_embed":
             value = _drop_extra_pos_row(value)
         out[new] = value
     return out
+
+
+def describe_mapping(sd_or_ckpt: Mapping, fmt: str = "auto") -> List[str]:
+    """Human-readable ``source -> target`` lines of a conversion (q/k/v groups on one line)."""
+    fmt = detect_format(sd_or_ckpt) if fmt == "auto" else fmt
+    sd = _strip_module(unwrap_checkpoint(sd_or_ckpt))
+    lines, grouped = [], set()
+    for key in sd:
+        if fmt == "slowfast":
+            new = _slowfast_key(key)
+            m = _QKV.match(new)
+            if m:
+                group = (m.group(1), m.group(3))
+                if group not in grouped:
+                    grouped.add(group)
+                    src = key[: -len(f"{m.group(2)}.{m.group(3)}")]
+                    lines.append(f"{src}{{q,k,v}}.{m.group(3)} -> {m.group(1)}qkv.{m.group(3)}")
+                continue
+        elif fmt == "mmpretrain":
+            new = _mmpretrain_key(key) or "(dropped)"
+        else:
+            new = key
+        lines.append(f"{key} -> {new}")
+    return lines
 
 
 def detect_format(sd_or_ckpt: Mapping) -> str:

@@ -51,6 +51,8 @@ class RevViT(nn.Module):
         num_classes (int): classes; 0 builds no head and ``forward`` returns pooled features.
         fuse (str): how the two streams are merged at the end (:class:`TwoStreamFusion`).
         use_rev_backprop (bool): memory-saving reversible backward (False: plain autograd).
+        act_checkpoint (bool): with ``use_rev_backprop=False``, activation checkpointing per
+            block (``torch.utils.checkpoint``); a baseline for the memory benchmarks.
         check_finite (bool): raise naming the first block whose output is not finite.
         pos_embed_interp (str): interpolation used when the input grid differs from the
             training grid ("bicubic").
@@ -72,6 +74,7 @@ class RevViT(nn.Module):
         num_classes=1000,
         fuse="concat",
         use_rev_backprop=True,
+        act_checkpoint=False,
         check_finite=False,
         pos_embed_interp="bicubic",
     ):
@@ -85,6 +88,7 @@ class RevViT(nn.Module):
         self.depth = depth
         self.num_classes = num_classes
         self.use_rev_backprop = use_rev_backprop
+        self.act_checkpoint = act_checkpoint
         self.check_finite = check_finite
         self.pos_embed_interp = pos_embed_interp
         self.patch_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
@@ -94,7 +98,7 @@ class RevViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.patch_grid), embed_dim))
         self.pos_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             ReversibleBlock(
                 AttentionSubBlock(embed_dim, num_heads, qkv_bias=qkv_bias, proj_drop=dropout_rate),
@@ -133,7 +137,7 @@ class RevViT(nn.Module):
         x, thw = self.patch_embed(x)  # (B, N, C)
         x = self.pos_drop(x + self._pos_embed(thw[1:]))
         y1, y2 = reversible_stack(self.blocks, x, x, thw, self.use_rev_backprop,
-                                  self.check_finite, self.block_names)
+                                  self.check_finite, self.block_names, self.act_checkpoint)
         return self.stack_drop(torch.cat([y1, y2], dim=-1)), thw
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -32,6 +32,8 @@ Differences from the official SlowFast / mmpretrain engines (same arithmetic, ot
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.func
+import torch.utils.checkpoint
 from torch import nn
 
 __all__ = ["ReversibleBlock", "RevBackProp", "reversible_stack", "drop_path_mask"]
@@ -185,31 +187,40 @@ class RevBackProp(torch.autograd.Function):
                 param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
 
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
-        for blk, rec in zip(reversed(spec.blocks), reversed(ctx.records)):
-            g_params = [p for p in blk.G.parameters() if p.requires_grad]
-            f_params = [p for p in blk.F.parameters() if p.requires_grad]
 
-            # G branch: recompute DP(G(Y1)) and back-propagate dY2 through it.
-            with torch.enable_grad(), _maybe_fork(rec.rng_g), torch.autocast(
+        def recompute(module, rng, mask, *args):
+            # Run `module` on detached aliases of its trainable parameters, so the local graph
+            # never reaches the real leaves: their hooks fire once, when autograd receives the
+            # gradients this Function returns.
+            names, leaves = [], []
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    names.append(name)
+                    leaves.append(p)
+            aliases = [p.detach().requires_grad_(True) for p in leaves]
+            with torch.enable_grad(), _maybe_fork(rng), torch.autocast(
                 device_type, dtype=autocast_dtype, enabled=autocast_enabled
             ):
-                y1 = y1.requires_grad_(True)
-                g_out = _apply_mask(blk.G(y1), rec.mask)
-            grads = torch.autograd.grad(g_out, [y1] + g_params, dy2, allow_unused=True)
-            accumulate(g_params, grads[1:])
+                out = torch.func.functional_call(module, dict(zip(names, aliases)), args)
+                out = _apply_mask(out, mask)
+            return out, leaves, aliases
+
+        for blk, rec in zip(reversed(spec.blocks), reversed(ctx.records)):
+            # G branch: recompute DP(G(Y1)) and back-propagate dY2 through it.
+            y1 = y1.requires_grad_(True)
+            g_out, leaves, aliases = recompute(blk.G, rec.rng_g, rec.mask, y1)
+            grads = torch.autograd.grad(g_out, [y1] + aliases, dy2, allow_unused=True)
+            accumulate(leaves, grads[1:])
             with torch.no_grad():
                 x2 = y2 - g_out
                 dy1 = dy1 + grads[0] if grads[0] is not None else dy1
             del g_out, grads
 
             # F branch: recompute DP(F(X2)) and back-propagate the total dY1 through it.
-            with torch.enable_grad(), _maybe_fork(rec.rng_f), torch.autocast(
-                device_type, dtype=autocast_dtype, enabled=autocast_enabled
-            ):
-                x2 = x2.detach().requires_grad_(True)
-                f_out = _apply_mask(blk.F(x2, spec.thw), rec.mask)
-            grads = torch.autograd.grad(f_out, [x2] + f_params, dy1, allow_unused=True)
-            accumulate(f_params, grads[1:])
+            x2 = x2.detach().requires_grad_(True)
+            f_out, leaves, aliases = recompute(blk.F, rec.rng_f, rec.mask, x2, spec.thw)
+            grads = torch.autograd.grad(f_out, [x2] + aliases, dy1, allow_unused=True)
+            accumulate(leaves, grads[1:])
             with torch.no_grad():
                 x1 = y1.detach() - f_out
                 dx2 = dy2 + grads[0] if grads[0] is not None else dy2
@@ -261,6 +272,7 @@ def reversible_stack(
     use_rev_backprop: bool = True,
     check_finite: bool = False,
     names: Optional[Sequence[str]] = None,
+    act_checkpoint: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run a sequence of reversible blocks on the streams (x1, x2).
 
@@ -277,6 +289,8 @@ def reversible_stack(
         check_finite (bool): raise FloatingPointError naming the first block whose output is not
             finite (costs a device sync per block).
         names: block names used in that message.
+        act_checkpoint (bool): with ``use_rev_backprop=False``, wrap each block in
+            ``torch.utils.checkpoint`` (the usual activation-checkpointing baseline).
     """
     thw = tuple(int(s) for s in thw)
     params = []
@@ -290,8 +304,12 @@ def reversible_stack(
         if params or x1.requires_grad or x2.requires_grad:
             spec = _RunSpec(list(blocks), thw, params, check_finite, names)
             return RevBackProp.apply(x1, x2, spec, *params)
+    checkpointing = act_checkpoint and torch.is_grad_enabled()
     for i, blk in enumerate(blocks):
-        x1, x2 = blk(x1, x2, thw)
+        if checkpointing:
+            x1, x2 = torch.utils.checkpoint.checkpoint(blk, x1, x2, thw, use_reentrant=False)
+        else:
+            x1, x2 = blk(x1, x2, thw)
         if check_finite:
             _check_finite(x1, i, names)
             _check_finite(x2, i, names)

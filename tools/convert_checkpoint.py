@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Convert an official Rev-ViT / Rev-MViT checkpoint to revvit's parameter names.
+
+Reads a SlowFast ``.pyth`` (``{"model_state": ...}``) or an mmpretrain ``.pth``
+(``{"state_dict": ...}``), prints the key mapping, optionally checks that the result loads
+strictly into a named revvit model, and writes ``{"model": state_dict, "source": ...}``
+atomically.
+
+Example:
+    python tools/convert_checkpoint.py REV_VIT_B.pyth rev_vit_b.pth --model rev_vit_b
+"""
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+import torch
+
+import revvit_d2
+from revvit_d2.checkpoint import describe_mapping, detect_format
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="official checkpoint (.pyth / .pth)")
+    p.add_argument("output", help="where to write the converted checkpoint")
+    p.add_argument("--format", default="auto", choices=["auto", "slowfast", "mmpretrain"],
+                   help="input format (default: detected from the keys)")
+    p.add_argument("--model", default=None,
+                   help=f"verify a strict load into this model ({', '.join(revvit_d2.list_models())})")
+    p.add_argument("--quiet", action="store_true", help="do not print the key mapping")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not os.path.isfile(args.source):
+        print(f"error: no such checkpoint file: {args.source}", file=sys.stderr)
+        return 2
+    ckpt = torch.load(args.source, map_location="cpu", weights_only=False)
+    fmt = detect_format(ckpt) if args.format == "auto" else args.format
+    try:
+        sd = revvit_d2.convert_state_dict(ckpt, fmt)
+        if not args.quiet:
+            print(f"format: {fmt}")
+            print("\n".join(describe_mapping(ckpt, fmt)))
+        if args.model:
+            model = revvit_d2.create_model(args.model)
+            revvit_d2.load_pretrained(model, sd, fmt="revvit")
+            print(f"verified: loads strictly into {args.model}")
+    except (KeyError, ValueError, revvit_d2.CheckpointMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"model": sd, "source": os.path.basename(args.source), "format": fmt}, tmp)
+        os.replace(tmp, args.output)  # atomic: never a half-written output file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {len(sd)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
