@@ -32,6 +32,8 @@ def _model_shapes(name, **kw):
 @pytest.mark.parametrize("key_file,name", [
     ("official_keys_REV_VIT_S.txt", "rev_vit_s"),
     ("official_keys_REV_VIT_B.txt", "rev_vit_b"),
+    ("official_keys_REV_MVIT_B.txt", "rev_mvit_b"),
+    ("official_keys_REV_MVIT_B_16x4.txt", "rev_mvit_b_16x4"),
 ])
 def test_full_size_slowfast_layout_maps_exactly(key_file, name):
     converted = revvit_d2.convert_slowfast_state_dict(_fake_state_dict(key_file))

@@ -17,6 +17,14 @@ CASES = {
         lambda d, **kw: revvit_d2.build_from_slowfast_cfg(d["config"], **kw),
         revvit_d2.convert_slowfast_state_dict,
     ),
+    "slowfast_revmvit_tiny_image.pt": (
+        lambda d, **kw: revvit_d2.build_from_slowfast_cfg(d["config"], **kw),
+        revvit_d2.convert_slowfast_state_dict,
+    ),
+    "slowfast_revmvit_tiny_video.pt": (
+        lambda d, **kw: revvit_d2.build_from_slowfast_cfg(d["config"], **kw),
+        revvit_d2.convert_slowfast_state_dict,
+    ),
     "mmpretrain_revvit_tiny.pt": (
         lambda d, **kw: revvit_d2.build_from_mmpretrain_cfg(d["model_config"], **kw),
         revvit_d2.convert_mmpretrain_state_dict,
@@ -73,6 +81,29 @@ def test_reversible_gradients_match_official(name, monkeypatch):
     # Input gradients are ~1e-5: compare relative to their scale.
     scale = data["input_grad"].abs().max().item()
     torch.testing.assert_close(x.grad, data["input_grad"], atol=1e-6 * scale + 1e-12, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CASES) if n.startswith("slowfast")])
+def test_intermediate_streams_match_official(name):
+    """Localises a mismatch: every reversible block's Y1/Y2 and every transition's output."""
+    data, model = _build_loaded(name)
+    model.eval()
+    seen = {}
+
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o))
+    with torch.no_grad():
+        model(data["input"])
+    inter = data["intermediates_eval"]
+    for i in range(len(model.blocks)):
+        if f"rev_backbone.layers.{i}.Y_1" in inter:
+            torch.testing.assert_close(seen[i][0], inter[f"rev_backbone.layers.{i}.Y_1"],
+                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(seen[i][1], inter[f"rev_backbone.layers.{i}.Y_2"],
+                                       atol=1e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(seen[i][0], inter[f"rev_backbone.layers.{i}.out"],
+                                       atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

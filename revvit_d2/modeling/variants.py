@@ -66,6 +66,65 @@ register_variant(
 )
 
 
+def _rev_mvit(**kwargs):
+    from .rev_mvit import RevMViT
+
+    return RevMViT(**kwargs)
+
+
+_MVIT_B_SCHEDULE = dict(
+    embed_dim=96, depth=16, num_heads=1, mlp_ratio=4.0,
+    dim_mul=((1, 2.0), (3, 2.0), (14, 2.0)), head_mul=((1, 2.0), (3, 2.0), (14, 2.0)),
+    pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2), (14, 1, 2, 2)), transition_layers=(1, 3, 14),
+)
+# Official REV_MVIT_B_16_CONV (ImageNet-1k).
+register_variant(
+    "rev_mvit_b", _rev_mvit,
+    dict(_MVIT_B_SCHEDULE, input_size=(224, 224), patch_kernel=(7, 7), patch_stride=(4, 4),
+         patch_padding=(3, 3), qkv_bias=True, pool_kvq_kernel=(1, 3, 3),
+         pool_kv_stride_adaptive=(1, 4, 4), pre_q_fusion="concat_linear_2",
+         sep_pos_embed=False, drop_path_rate=0.1, num_classes=1000),
+    dict(_IMAGENET_EVAL, checkpoint="REV_MVIT_B.pyth", top1=82.9),
+)
+# Official REV_MVIT_B_16x4_CONV (Kinetics-400): 16 frames at sampling rate 4.
+_KINETICS_EVAL = dict(
+    input_size=(3, 16, 224, 224), num_frames=16, sampling_rate=4, mean=KINETICS_MEAN,
+    std=KINETICS_STD, value_scale="0-1", test_short_side=224, test_crop=224,
+    train_jitter_scales_relative=(0.08, 1.0), train_jitter_aspect_relative=(0.75, 1.3333),
+    test_num_clips=5, test_num_crops=1, num_classes=400,
+)
+register_variant(
+    "rev_mvit_b_16x4", _rev_mvit,
+    dict(_MVIT_B_SCHEDULE, input_size=(16, 224, 224), patch_kernel=(3, 7, 7),
+         patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), qkv_bias=False,
+         pool_kvq_kernel=(3, 3, 3), pool_kv_stride_adaptive=(1, 8, 8), pre_q_fusion="avg",
+         sep_pos_embed=True, drop_path_rate=0.05, head_dropout_rate=0.5, num_classes=400),
+    dict(_KINETICS_EVAL, checkpoint="REV_MVIT_B_16x4.pyth", top1=78.4, top5=93.4),
+)
+# Tiny Rev-MViTs of the oracle files' shape (tests, demos): 5 layers, transitions at 1 and 3.
+_MVIT_TEST_SCHEDULE = dict(
+    embed_dim=16, depth=5, num_heads=1, mlp_ratio=4.0,
+    dim_mul=((1, 2.0), (3, 2.0)), head_mul=((1, 2.0), (3, 2.0)),
+    pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2)), transition_layers=(1, 3), num_classes=10,
+)
+register_variant(
+    "rev_mvit_test", _rev_mvit,
+    dict(_MVIT_TEST_SCHEDULE, input_size=(64, 64), patch_kernel=(7, 7), patch_stride=(4, 4),
+         patch_padding=(3, 3), pool_kvq_kernel=(1, 3, 3), pool_kv_stride_adaptive=(1, 4, 4),
+         pre_q_fusion="concat_linear_2"),
+    dict(_IMAGENET_EVAL, input_size=(3, 64, 64), num_classes=10, checkpoint=None),
+)
+register_variant(
+    "rev_mvit_video_test", _rev_mvit,
+    dict(_MVIT_TEST_SCHEDULE, input_size=(4, 64, 64), patch_kernel=(3, 7, 7),
+         patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), qkv_bias=False,
+         pool_kvq_kernel=(3, 3, 3), pool_kv_stride_adaptive=(1, 4, 4), pre_q_fusion="avg",
+         sep_pos_embed=True),
+    dict(_KINETICS_EVAL, input_size=(3, 4, 64, 64), num_frames=4, test_short_side=64,
+         test_crop=64, num_classes=10, checkpoint=None),
+)
+
+
 def list_models():
     """Names accepted by :func:`create_model`."""
     return sorted(_VARIANTS)

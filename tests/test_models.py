@@ -1,0 +1,157 @@
+"""Model variants: exact sizes, FLOPs, multi-scale features, Rev-MViT engine equivalence and
+input checks."""
+import logging
+
+import pytest
+import torch
+
+import revvit_d2
+from revvit_d2.modeling.flops import count_flops, count_parameters
+
+from conftest import load_oracle
+
+
+@pytest.mark.parametrize("name,params", [
+    ("rev_vit_s", 22_434_664),
+    ("rev_vit_b", 87_335_656),
+    ("rev_mvit_b", 39_689_320),
+    ("rev_mvit_b_16x4", 34_963_120),
+])
+def test_official_parameter_counts(name, params):
+    with torch.device("meta"):
+        assert count_parameters(revvit_d2.create_model(name)) == params
+
+
+def test_rev_vit_l_dimensions():
+    with torch.device("meta"):
+        model = revvit_d2.create_model("rev_vit_l")
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].F.attn.num_heads) == (1024, 24, 16)
+    assert model.head.in_features == 2048
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,shape,gflops", [
+    ("rev_vit_s", (1, 3, 224, 224), 4.58),
+    ("rev_vit_b", (1, 3, 224, 224), 17.49),
+    ("rev_mvit_b", (1, 3, 224, 224), 8.67),
+    ("rev_mvit_b_16x4", (1, 3, 16, 224, 224), 63.85),
+])
+def test_official_flops(name, shape, gflops):
+    model = revvit_d2.create_model(name)
+    assert round(count_flops(model, (torch.randn(shape),)) / 1e9, 2) == gflops
+
+
+def test_forward_returns_logits_in_train_and_eval():
+    model = revvit_d2.create_model("rev_vit_test", drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 10)
+    assert not torch.allclose(out.softmax(-1).sum(-1), out.sum(-1))  # not probabilities
+    model.train()
+    torch.testing.assert_close(model(x).detach(), out, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-7), (torch.float32, 2e-3)])
+def test_rev_mvit_reversible_matches_plain_autograd(dtype, rel):
+    """Exact in float64 (the logic); in float32 within the rounding of the inversion, whose
+    relative error grows with |activations| / |residual branch| (the oracle README's criterion
+    is max|g - g_ref| <= 1e-6 + 1e-3 max|g_ref| for independent implementations)."""
+    kw = dict(drop_path_rate=0.3, dropout_rate=0.1, depth=7, transition_layers=(1, 3))
+    torch.manual_seed(0)
+    rev = revvit_d2.create_model("rev_mvit_test", **kw).to(dtype)
+    torch.manual_seed(0)
+    plain = revvit_d2.create_model("rev_mvit_test", use_rev_backprop=False, **kw).to(dtype)
+    x = torch.randn(4, 3, 64, 64, dtype=dtype)
+    for m in (rev, plain):
+        m.train()
+        torch.manual_seed(11)
+        m(x).pow(2).mean().backward()
+    for (n, a), (_, b) in zip(rev.named_parameters(), plain.named_parameters()):
+        assert a.grad is not None, n
+        bound = (1e-6 if dtype == torch.float32 else 1e-12) + rel * b.grad.abs().max().item()
+        assert (a.grad - b.grad).abs().max().item() <= bound, n
+
+
+def test_rev_vit_features():
+    model = revvit_d2.create_model("rev_vit_test")
+    x = torch.randn(2, 3, 64, 96, requires_grad=True)
+    feats = model.forward_features(x)
+    assert list(feats) == ["last_feat"]
+    assert feats["last_feat"].shape == (2, 128, 4, 6)  # stride 16, 2C channels
+    feats["last_feat"].pow(2).mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    ("rev_mvit_test", (2, 3, 64, 64),
+     {"scale2": (2, 32, 16, 16), "scale3": (2, 64, 8, 8), "scale4": (2, 128, 4, 4)}),
+    ("rev_mvit_video_test", (2, 3, 4, 64, 64),
+     {"scale2": (2, 32, 2, 16, 16), "scale3": (2, 64, 2, 8, 8), "scale4": (2, 128, 2, 4, 4)}),
+])
+def test_rev_mvit_features_shapes_strides_and_gradients(name, shape, expected):
+    model = revvit_d2.create_model(name, out_features=("scale2", "scale3", "scale4"))
+    model.train()
+    x = torch.randn(shape)
+    feats = model.forward_features(x)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == expected
+    for k, v in feats.items():
+        assert v.shape[-1] * model.feature_strides[k] == shape[-1]
+        assert v.shape[1] == model.feature_channels[k]
+    sum(f.pow(2).mean() for f in feats.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+
+
+def test_full_size_rev_mvit_b_feature_pyramid_levels():
+    with torch.device("meta"):
+        model = revvit_d2.create_model("rev_mvit_b", num_classes=0)
+    assert model.feature_strides == {"scale2": 4, "scale3": 8, "scale4": 16, "scale5": 32}
+    assert model.feature_channels == {"scale2": 192, "scale3": 384, "scale4": 768, "scale5": 1536}
+
+
+def test_cls_embed_on_is_accepted_with_a_warning(caplog):
+    data = load_oracle("slowfast_revmvit_tiny_video.pt")
+    cfg = dict(data["config"])
+    cfg["MVIT"] = dict(cfg["MVIT"], CLS_EMBED_ON=True)
+    with caplog.at_level(logging.WARNING):
+        model = revvit_d2.build_from_slowfast_cfg(cfg)
+    assert "CLS_EMBED_ON" in caplog.text
+    revvit_d2.load_pretrained(model, data["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(data["input"]), data["logits_eval"], atol=1e-5, rtol=1e-4)
+
+
+def test_video_of_another_length_and_size_interpolates_position_embedding():
+    model = revvit_d2.create_model("rev_mvit_video_test").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 8, 96, 96)).shape == (1, 10)
+        same = torch.randn(1, 3, 4, 64, 64)
+        # at the training size the interpolation is the identity
+        ref = model.pos_embed_spatial.repeat(1, 2, 1) + model.pos_embed_temporal.repeat_interleave(
+            256, dim=1)
+        torch.testing.assert_close(model._pos_embed((2, 16, 16)), ref)
+        assert model(same).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name,shape,match", [
+    ("rev_vit_test", (1, 3, 70, 64), "multiples of the patch size 16"),
+    ("rev_vit_test", (1, 3, 4, 64, 64), r"\(B, C, H, W\)"),
+    ("rev_mvit_video_test", (1, 3, 64, 64), r"\(B, C, T, H, W\)"),
+])
+def test_bad_input_shapes_are_rejected_clearly(name, shape, match):
+    model = revvit_d2.create_model(name)
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(shape))
+
+
+def test_inconsistent_transition_layers_are_rejected():
+    with pytest.raises(ValueError, match="transition_layers"):
+        revvit_d2.create_model("rev_mvit_test", transition_layers=(1,))
+
+
+def test_unknown_model_name_lists_the_choices():
+    with pytest.raises(KeyError, match="rev_vit_b"):
+        revvit_d2.create_model("rev_vit_xl")
