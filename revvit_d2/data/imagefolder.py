@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 
 import torch
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes", "checker",
 _MARKER = ".complete"
 _IN_PROGRESS = ".in_progress"
 _FORMAT_VERSION = 1
-from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 
 def default_datasets_root() -> Path:
@@ -364,12 +364,14 @@ def collate_skip_corrupt(batch: List[Any]) -> Dict[str, Any]:
     return {"images": images, "targets": targets, "skipped": skipped}
 
 
-def build_eval_loader(root: Union[str, os.PathLike], transform, batch_size: int = 64,
-                      num_workers: int = 2, max_images: Optional[int] = None,
-                      pin_memory: bool = False):
-    """A :class:`SafeImageFolder` over `root` and an ordered ``DataLoader`` over it.
+def build_eval_loader(root: Union[str, os.PathLike, SafeImageFolder], transform,
+                      batch_size: int = 64, num_workers: int = 2,
+                      max_images: Optional[int] = None, pin_memory: bool = False):
+    """An ordered ``DataLoader`` (collate :func:`collate_skip_corrupt`) over an ImageFolder.
 
     Args:
+        root: a directory (a :class:`SafeImageFolder` is built over it) or an existing
+            :class:`SafeImageFolder`, whose transform is then replaced by `transform`.
         max_images: evaluate an evenly spaced subset of this many images (all classes
             represented, deterministic) instead of the whole folder.
 
@@ -378,7 +380,11 @@ def build_eval_loader(root: Union[str, os.PathLike], transform, batch_size: int 
     """
     from torch.utils.data import DataLoader, Subset
 
-    dataset = SafeImageFolder(root, transform=transform)
+    if isinstance(root, SafeImageFolder):
+        dataset = root
+        dataset.transform = transform
+    else:
+        dataset = SafeImageFolder(root, transform=transform)
     subset = dataset
     n = len(dataset)
     if max_images is not None:

@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Evaluate a Rev-ViT classifier on an ImageNet-layout folder (top-1 / top-5, speed, size).
+
+Example (official Rev-ViT-B checkpoint on ImageNet val; with no argument at all the tool runs
+the built-in demo, configs/ImageNet/rev_vit_test_eval.py, on a generated shape folder):
+
+    python tools/eval_imagenet.py --config-file configs/ImageNet/rev_vit_b_eval.py --checkpoint REV_VIT_B.pyth eval.data=/data/imagenet/val
+
+Overrides are ``key=value`` pairs after the options (``eval.batch_size=32``,
+``eval.max_images=1000``, ``model.name=rev_vit_s``...). The preprocessing is the official
+single-crop test pipeline read from ``model.pretrained_cfg`` (resize the short side to
+``int(size / crop_pct)``, centre crop, normalise). The last line printed starts with
+``* Acc@1``. Expected errors (missing data, empty folder, a checkpoint of another model, an
+unknown config key) print one ``error:`` line on stderr and exit with status 1. CUDA is used
+when available (``--num-gpus 0`` forces the CPU); --resume, --eval-only and the multi-machine
+options are accepted for compatibility and ignored.
+"""
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/ImageNet/rev_vit_test_eval.py"
+EXIT_ERROR = 1
+
+logger = logging.getLogger("eval_imagenet")
+
+
+class ToolError(Exception):
+    """An expected failure, reported as one line on stderr (no traceback)."""
+
+
+def _quiet_imports():
+    # torch.jit.script deprecation notices raised while detectron2 imports are noise here.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def build_parser():
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1])
+    parser.description = __doc__.split("\n", 1)[0]
+    for action in parser._actions:
+        if action.dest == "config_file":
+            action.help = f"path to a LazyConfig file (default: {DEFAULT_CONFIG})"
+    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                        help="shortcut for eval.checkpoint=FILE ('none' for random weights)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="shortcut for eval.data=DIR (an ImageFolder: DIR/<class>/<image>)")
+    parser.add_argument("--max-images", type=int, default=None, metavar="N",
+                        help="shortcut for eval.max_images=N (evenly spaced subset)")
+    return parser
+
+
+def setup_logging():
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s",
+                                           datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for noisy in ("fvcore", "iopath", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------
+def load_config(args):
+    from detectron2.config import LazyConfig
+    from omegaconf import OmegaConf
+
+    path = args.config_file or DEFAULT_CONFIG
+    if not os.path.isfile(path) and not os.path.isabs(path) and (REPO_ROOT / path).is_file():
+        path = str(REPO_ROOT / path)
+    if not os.path.isfile(path):
+        raise ToolError(f"config file not found: {path}")
+    try:
+        cfg = LazyConfig.load(path)
+    except Exception as e:  # a broken config file is a user error, not a bug of this tool
+        raise ToolError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
+    for section in ("model", "eval"):
+        if section not in cfg:
+            raise ToolError(f"config {path} defines no '{section}'")
+
+    overrides = []
+    if args.checkpoint is not None:
+        value = None if args.checkpoint.lower() in ("", "none", "null") else args.checkpoint
+        OmegaConf.update(cfg, "eval.checkpoint", value, merge=True)
+    if args.data is not None:
+        OmegaConf.update(cfg, "eval.data", args.data, merge=True)
+    if args.max_images is not None:
+        OmegaConf.update(cfg, "eval.max_images", args.max_images, merge=True)
+    for opt in args.opts or []:
+        if "=" not in opt or opt.startswith("-"):
+            raise ToolError(f"cannot parse override {opt!r}: expected key=value (options such as "
+                            f"--checkpoint go before the key=value overrides)")
+        key = opt.split("=", 1)[0].strip()
+        if key.startswith(("+", "~")):
+            raise ToolError(f"override {opt!r}: adding or deleting keys is not supported")
+        top = key.split(".", 1)[0]
+        if top == "model" and key.count(".") == 1:
+            pass  # model.<arg>=... may add any create_model / constructor argument
+        elif OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            parent = key.rsplit(".", 1)[0] if "." in key else None
+            known = ""
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if OmegaConf.is_dict(node):
+                known = f" (known keys of '{parent or '<root>'}': {', '.join(sorted(node))})"
+            raise ToolError(f"unknown config key '{key}'{known}")
+        overrides.append(opt)
+    try:
+        LazyConfig.apply_overrides(cfg, overrides)
+    except Exception as e:
+        raise ToolError(f"cannot apply overrides {overrides}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return cfg, path
+
+
+# ------------------------------------------------------------------------------------------
+# Data, model, checkpoint
+# ------------------------------------------------------------------------------------------
+def prepare_data(data):
+    from revvit_d2.data.imagefolder import default_synthetic_root, make_synthetic_imagefolder
+
+    if data is None or str(data).strip() == "":
+        raise ToolError("eval.data is not set (an ImageFolder directory: <data>/<class>/<image>)")
+    path = Path(os.path.expanduser(os.path.expandvars(str(data))))
+    synthetic = default_synthetic_root()
+    if path.resolve() == (synthetic / "val").resolve():
+        # The built-in demo folder: generate it on first use (a no-op once complete).
+        if not (synthetic / ".complete").is_file():
+            logger.info("generating the built-in synthetic dataset in %s", synthetic)
+        make_synthetic_imagefolder(synthetic)
+    return path
+
+
+def open_dataset(path):
+    from revvit_d2.data.imagefolder import SafeImageFolder
+
+    try:
+        return SafeImageFolder(path)  # checks the folder before any model is built
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise ToolError(str(e)) from None
+
+
+def build_loader(dataset, transform, ecfg, device):
+    from revvit_d2.data.imagefolder import build_eval_loader
+
+    try:
+        return build_eval_loader(dataset, transform, batch_size=int(ecfg.get("batch_size", 64)),
+                                 num_workers=int(ecfg.get("num_workers", 2)),
+                                 max_images=ecfg.get("max_images"),
+                                 pin_memory=device.type == "cuda")
+    except (TypeError, ValueError) as e:
+        raise ToolError(f"eval settings: {e}") from None
+
+
+def build_model(cfg):
+    from detectron2.config import instantiate
+
+    inst_logger = logging.getLogger("detectron2.config.instantiate")
+    level = inst_logger.level
+    inst_logger.setLevel(logging.CRITICAL)  # its "Error when instantiating" repeats ours
+    try:
+        model = instantiate(cfg.model)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ToolError(f"cannot build the model: {msg}") from None
+    finally:
+        inst_logger.setLevel(level)
+    if not hasattr(model, "pretrained_cfg"):
+        raise ToolError("the configured model has no pretrained_cfg (build it with "
+                        "revvit_d2.create_model)")
+    return model
+
+
+def _read_checkpoint(path: Path):
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        logger.warning("%s holds non-tensor Python objects; loading it with weights_only=False "
+                       "(only do this with files you trust)", path)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ToolError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ToolError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def checkpoint_path(checkpoint):
+    if checkpoint is None or str(checkpoint).strip() == "":
+        return None
+    path = Path(os.path.expanduser(os.path.expandvars(str(checkpoint))))
+    if not path.is_file():
+        raise ToolError(f"checkpoint not found: {path} (set eval.checkpoint=<file>, or "
+                        f"eval.checkpoint=null to evaluate random weights)")
+    return path
+
+
+def load_checkpoint(model, path, model_name):
+    from revvit_d2 import CheckpointMismatchError, load_pretrained
+    from revvit_d2.checkpoint import detect_format
+
+    ckpt = _read_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise ToolError(f"checkpoint {path} is a {type(ckpt).__name__}, not a dict")
+    fmt = detect_format(ckpt)
+    try:
+        report = load_pretrained(model, ckpt)
+    except CheckpointMismatchError as e:
+        raise ToolError(f"checkpoint {path} ({fmt} format) does not fit model {model_name}: "
+                        f"{e}") from None
+    except KeyError as e:
+        raise ToolError(f"checkpoint {path} ({fmt} format): {e.args[0] if e.args else e}") from None
+    logger.info("loaded checkpoint %s (%s format): %d tensors", path, fmt, len(report["loaded"]))
+    return report
+
+
+def _model_input_size(model):
+    cfg_size = tuple(model.pretrained_cfg["input_size"][-2:])
+    grid, ps = getattr(model, "patch_grid", None), getattr(model, "patch_size", None)
+    if grid is not None and isinstance(ps, int):
+        actual = (grid[0] * ps, grid[1] * ps)
+        if actual != cfg_size:
+            logger.info("model built for %s input (pretrained_cfg says %s): evaluating at %s",
+                        actual, cfg_size, actual)
+            return actual
+    return cfg_size
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------
+def evaluate(model, loader, device, num_classes, log_period):
+    import torch
+
+    n_batches = len(loader)
+    total = len(loader.dataset)
+    top1 = top5 = seen = 0
+    skipped = []
+    model_time = 0.0
+    k5 = min(5, num_classes)
+    use_bar = sys.stderr.isatty()
+    bar = None
+    if use_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="eval", dynamic_ncols=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i, batch in enumerate(loader):
+            for s in batch["skipped"]:
+                logger.warning("skipping unreadable image %s (%s)", s.path, s.error)
+            skipped.extend(batch["skipped"])
+            if batch["images"] is not None:
+                images = batch["images"].to(device, non_blocking=True)
+                targets = batch["targets"].to(device, non_blocking=True)
+                t0 = time.perf_counter()
+                logits = model(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                model_time += time.perf_counter() - t0
+                pred = logits.topk(k5, dim=1).indices
+                hit = pred == targets[:, None]
+                top1 += int(hit[:, :1].any(dim=1).sum())
+                top5 += int(hit.any(dim=1).sum())
+                seen += images.shape[0]
+            done = seen + len(skipped)
+            if bar is not None:
+                bar.update(done - bar.n)
+                if seen:
+                    bar.set_postfix(acc1=f"{100.0 * top1 / seen:.2f}")
+            elif (i + 1) % max(1, log_period) == 0 or i + 1 == n_batches:
+                el = time.perf_counter() - start
+                logger.info("batch %d/%d  images %d/%d  running Acc@1 %.3f  %.1f images/s",
+                            i + 1, n_batches, done, total, 100.0 * top1 / max(seen, 1),
+                            done / max(el, 1e-9))
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    return dict(top1=100.0 * top1 / max(seen, 1), top5=100.0 * top5 / max(seen, 1), images=seen,
+                skipped=len(skipped), seconds=elapsed, model_seconds=model_time)
+
+
+def run(args):
+    import torch
+
+    from revvit_d2.data.imagefolder import eval_transform_from_cfg
+    from revvit_d2.modeling.flops import count_flops, count_parameters
+
+    cfg, cfg_path = load_config(args)
+    ecfg = cfg.eval
+    logger.info("config %s", cfg_path)
+
+    use_cuda = torch.cuda.is_available() and args.num_gpus > 0
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if args.num_gpus > 1:
+        logger.warning("--num-gpus %d: this tool evaluates on a single device", args.num_gpus)
+
+    data = prepare_data(ecfg.get("data"))
+    dataset = open_dataset(data)
+    checkpoint = checkpoint_path(ecfg.get("checkpoint"))
+    torch.manual_seed(0)  # a run without checkpoint evaluates the same random weights each time
+    model = build_model(cfg)
+    name = cfg.model.get("name", type(model).__name__)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, name)
+    else:
+        logger.info("no checkpoint: evaluating randomly initialised weights (seed 0; accuracy "
+                    "is at chance level)")
+    model.eval().to(device)
+
+    pcfg = dict(model.pretrained_cfg)
+    pcfg["input_size"] = (3,) + tuple(_model_input_size(model))
+    try:
+        transform = eval_transform_from_cfg(pcfg)
+    except ValueError as e:
+        raise ToolError(f"preprocessing: {e}") from None
+    dataset, loader = build_loader(dataset, transform, ecfg, device)
+    num_classes = int(getattr(model, "num_classes", pcfg.get("num_classes", 0)))
+    if len(dataset.classes) > num_classes:
+        raise ToolError(f"{data} has {len(dataset.classes)} class folders but model {name} "
+                        f"predicts {num_classes} classes")
+    if len(dataset.classes) != num_classes:
+        logger.warning("%s has %d class folders, model %s predicts %d classes: folder i is "
+                       "taken as class i", data, len(dataset.classes), name, num_classes)
+    h, w = pcfg["input_size"][-2:]
+    logger.info("model %s on %s; data %s: %d classes, %d images, evaluating %d", name, device,
+                data, len(dataset.classes), len(dataset), len(loader.dataset))
+    logger.info("preprocessing: resize short side %d (%s), centre crop %dx%d, mean %s, std %s",
+                int(h / pcfg["crop_pct"]), pcfg["interpolation"], h, w,
+                tuple(pcfg["mean"]), tuple(pcfg["std"]))
+
+    params = count_parameters(model)
+    flops = count_flops(model, (torch.zeros(1, 3, h, w, device=device),))
+
+    res = evaluate(model, loader, device, num_classes, int(ecfg.get("log_period", 20)))
+    if res["images"] == 0:
+        raise ToolError(f"no image of {data} could be read ({res['skipped']} skipped)")
+    ips = res["images"] / max(res["seconds"], 1e-9)
+    print(f"Evaluated {res['images']} images ({res['skipped']} skipped as unreadable) of {data} "
+          f"with {name} on {device}")
+    print(f"Top-1 accuracy: {res['top1']:.3f} %   Top-5 accuracy: {res['top5']:.3f} %")
+    print(f"Throughput: {ips:.1f} images/s end-to-end ({res['seconds']:.2f} s, data loading "
+          f"included); model only {res['images'] / max(res['model_seconds'], 1e-9):.1f} images/s")
+    gflops = flops / 1e9
+    gflops_s = f"{gflops:.2f}" if gflops >= 1 else f"{gflops:.3g}"
+    print(f"Parameters: {params:,}   FLOPs: {gflops_s} G per image at {h}x{w} (fvcore count)")
+    print(f"* Acc@1 {res['top1']:.3f} Acc@5 {res['top5']:.3f} images {res['images']} skipped "
+          f"{res['skipped']} images/s {ips:.1f} params {params:,} GFLOPs {gflops_s}", flush=True)
+    return res
+
+
+def main(argv=None):
+    _quiet_imports()
+    if str(REPO_ROOT) not in sys.path:
+        try:
+            import revvit_d2  # noqa: F401
+        except ImportError:
+            sys.path.insert(0, str(REPO_ROOT))
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        run(args)
+    except ToolError as e:
+        sys.stdout.flush()
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
