@@ -146,6 +146,30 @@ class MultiScaleAttention(nn.Module):
         return self.proj_drop(self.proj(x)), thw_q
 
 
+def window_partition(x: torch.Tensor, hw: Sequence[int], window: int):
+    """(B, H*W, C) -> ((B * nW, window*window, C), padded (Hp, Wp)); zero-pads H, W up to
+    multiples of `window`."""
+    B, _, C = x.shape
+    H, W = hw
+    x = x.reshape(B, H, W, C)
+    pad_h, pad_w = (-H) % window, (-W) % window
+    if pad_h or pad_w:
+        x = nnf.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.reshape(B, Hp // window, window, Wp // window, window, C).transpose(2, 3)
+    return x.reshape(-1, window * window, C), (Hp, Wp)
+
+
+def window_unpartition(x: torch.Tensor, window: int, padded_hw, hw, batch: int):
+    """Inverse of :func:`window_partition`: -> (B, H*W, C)."""
+    Hp, Wp = padded_hw
+    H, W = hw
+    C = x.shape[-1]
+    x = x.reshape(batch, Hp // window, Wp // window, window, window, C).transpose(2, 3)
+    x = x.reshape(batch, Hp, Wp, C)[:, :H, :W]
+    return x.reshape(batch, H * W, C)
+
+
 class AttentionSubBlock(nn.Module):
     """F of a reversible block: ``attn(norm(x))``, shape preserving.
 
@@ -155,18 +179,32 @@ class AttentionSubBlock(nn.Module):
         qkv_bias (bool): bias on qkv.
         kernel_kv, stride_kv: K/V pooling (Rev-MViT); no Q pooling inside reversible blocks.
         proj_drop (float): dropout after the attention projection.
+        window_size (int): if > 0, attention within non-overlapping windows of this many tokens
+            per side (ViTDet); the grid is zero-padded to a multiple of it. Images only.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=True, kernel_kv=(1, 1, 1), stride_kv=(1, 1, 1),
-                 proj_drop=0.0, norm_eps=1e-6):
+                 proj_drop=0.0, norm_eps=1e-6, window_size=0):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = MultiScaleAttention(dim, dim, num_heads, qkv_bias=qkv_bias,
                                         kernel_kv=kernel_kv, stride_kv=stride_kv,
                                         proj_drop=proj_drop, norm_eps=norm_eps)
+        self.window_size = int(window_size)
+        if self.window_size and (self.attn.pool_k is not None or self.attn.pool_v is not None):
+            raise ValueError("windowed attention cannot be combined with K/V pooling")
 
     def forward(self, x: torch.Tensor, thw: Sequence[int]) -> torch.Tensor:
-        out, _ = self.attn(self.norm(x), thw)
+        x = self.norm(x)
+        if self.window_size > 0:
+            T, H, W = thw
+            if T != 1:
+                raise ValueError("windowed attention supports images only (T == 1)")
+            w = self.window_size
+            windows, padded = window_partition(x, (H, W), w)
+            out, _ = self.attn(windows, (1, w, w))
+            return window_unpartition(out, w, padded, (H, W), x.shape[0])
+        out, _ = self.attn(x, thw)
         return out
 
 

@@ -373,7 +373,7 @@ class RevMViT(nn.Module):
             name = names[k]
             if name in self.out_norms:
                 y = self.fuse(self.out_norms[name](tokens))
-            elif k == len(names) - 1:
+            elif k == len(names) - 1 and self.norm is not None:
                 y = self.fuse(self.norm(self.stack_drop(tokens)))
             else:
                 y = nnf.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)

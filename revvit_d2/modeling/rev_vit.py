@@ -56,6 +56,9 @@ class RevViT(nn.Module):
         check_finite (bool): raise naming the first block whose output is not finite.
         pos_embed_interp (str): interpolation used when the input grid differs from the
             training grid ("bicubic").
+        window_size (int): if > 0, blocks not in ``global_block_indexes`` attend within windows
+            of this many tokens per side (ViTDet); still reversible (F stays a function of X2).
+        global_block_indexes (sequence): blocks with global attention when windows are used.
     """
 
     def __init__(
@@ -77,6 +80,8 @@ class RevViT(nn.Module):
         act_checkpoint=False,
         check_finite=False,
         pos_embed_interp="bicubic",
+        window_size=0,
+        global_block_indexes=(),
     ):
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -101,7 +106,8 @@ class RevViT(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             ReversibleBlock(
-                AttentionSubBlock(embed_dim, num_heads, qkv_bias=qkv_bias, proj_drop=dropout_rate),
+                AttentionSubBlock(embed_dim, num_heads, qkv_bias=qkv_bias, proj_drop=dropout_rate,
+                                  window_size=0 if i in global_block_indexes else window_size),
                 MlpSubBlock(embed_dim, mlp_ratio),
                 drop_path_rate=dpr[i],
             )

@@ -9,7 +9,9 @@ from typing import Any, Callable, Dict
 
 from torch import nn
 
-__all__ = ["create_model", "list_models", "get_pretrained_cfg", "register_variant"]
+__all__ = [
+    "create_model", "list_models", "get_pretrained_cfg", "get_model_kwargs", "register_variant",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # on the 0-1 scale (after dividing by 255)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,6 +137,13 @@ def get_pretrained_cfg(name: str) -> Dict[str, Any]:
     if name not in _VARIANTS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return copy.deepcopy(_VARIANTS[name]["pretrained_cfg"])
+
+
+def get_model_kwargs(name: str) -> Dict[str, Any]:
+    """The constructor arguments a variant pins (a copy)."""
+    if name not in _VARIANTS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return copy.deepcopy(_VARIANTS[name]["kwargs"])
 
 
 def create_model(name: str, checkpoint=None, **overrides) -> nn.Module:

@@ -1,0 +1,16 @@
+"""The Detectron2 wrapping of the reversible backbones (imports detectron2)."""
+from .backbone import RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone
+from .checkpoint import RevvitCheckpointer, atomic_torch_save, find_reversible_core
+from .yacs import add_revvit_config, build_revmvit_fpn_backbone, build_revvit_sfp_backbone
+
+__all__ = [
+    "RevMViTBackbone",
+    "RevSimpleFeaturePyramid",
+    "RevViTBackbone",
+    "RevvitCheckpointer",
+    "add_revvit_config",
+    "atomic_torch_save",
+    "build_revmvit_fpn_backbone",
+    "build_revvit_sfp_backbone",
+    "find_reversible_core",
+]

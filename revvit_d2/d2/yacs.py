@@ -1,0 +1,78 @@
+"""The yacs (``CfgNode``) path: ``add_revvit_config(cfg)`` and backbones registered in
+detectron2's ``BACKBONE_REGISTRY``.
+
+    cfg = get_cfg(); add_revvit_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_revvit_sfp_backbone"   # or "build_revmvit_fpn_backbone"
+    cfg.MODEL.REVVIT.VARIANT = "rev_vit_b"
+
+Both builders construct the same classes as the LazyConfig files (``configs/COCO``).
+"""
+from detectron2.config import CfgNode as CN
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+
+from ..modeling.variants import get_model_kwargs
+from .backbone import RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone
+
+__all__ = ["add_revvit_config", "build_revvit_sfp_backbone", "build_revmvit_fpn_backbone"]
+
+_VIT_ONLY = ("img_size", "patch_size", "window_size", "global_block_indexes")
+
+
+def add_revvit_config(cfg):
+    """Add ``cfg.MODEL.REVVIT`` (variant and backbone options) to a detectron2 config."""
+    cfg.MODEL.REVVIT = CN()
+    cfg.MODEL.REVVIT.VARIANT = "rev_vit_b"  # any revvit_d2.list_models() name
+    cfg.MODEL.REVVIT.DROP_PATH_RATE = 0.1
+    cfg.MODEL.REVVIT.USE_REV_BACKPROP = True
+    cfg.MODEL.REVVIT.FREEZE_PATCH_EMBED = False
+    cfg.MODEL.REVVIT.FREEZE_BLOCKS = 0
+    # Rev-ViT + SimpleFeaturePyramid
+    cfg.MODEL.REVVIT.IMG_SIZE = 224  # pre-training size (position-embedding grid)
+    cfg.MODEL.REVVIT.WINDOW_SIZE = 0
+    cfg.MODEL.REVVIT.GLOBAL_BLOCK_INDEXES = []
+    cfg.MODEL.REVVIT.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
+    cfg.MODEL.REVVIT.SQUARE_PAD = 0
+    # Rev-MViT + FPN
+    cfg.MODEL.REVVIT.OUT_FEATURES = ["scale2", "scale3", "scale4", "scale5"]
+    return cfg
+
+
+def _core_kwargs(c):
+    kwargs = get_model_kwargs(c.VARIANT)
+    kwargs.update(drop_path_rate=c.DROP_PATH_RATE, use_rev_backprop=c.USE_REV_BACKPROP,
+                  freeze_patch_embed=c.FREEZE_PATCH_EMBED, freeze_blocks=c.FREEZE_BLOCKS)
+    kwargs.pop("num_classes", None)
+    return kwargs
+
+
+@BACKBONE_REGISTRY.register()
+def build_revvit_sfp_backbone(cfg, input_shape: ShapeSpec):
+    """Rev-ViT + SimpleFeaturePyramid (p2-p6), the ViTDet recipe."""
+    c = cfg.MODEL.REVVIT
+    kwargs = _core_kwargs(c)
+    kwargs.update(img_size=c.IMG_SIZE, window_size=c.WINDOW_SIZE,
+                  global_block_indexes=tuple(c.GLOBAL_BLOCK_INDEXES))
+    net = RevViTBackbone(**kwargs)
+    return RevSimpleFeaturePyramid(
+        net=net, in_feature="last_feat", out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        scale_factors=tuple(c.SCALE_FACTORS), top_block=LastLevelMaxPool(), norm="LN",
+        square_pad=c.SQUARE_PAD)
+
+
+@BACKBONE_REGISTRY.register()
+def build_revmvit_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """Rev-MViT + FPN on scale2..scale5 (p2-p6)."""
+    c = cfg.MODEL.REVVIT
+    kwargs = _core_kwargs(c)
+    for key in _VIT_ONLY:
+        kwargs.pop(key, None)
+    bottom_up = RevMViTBackbone(out_features=tuple(c.OUT_FEATURES), **kwargs)
+    top_block = LastLevelMaxPool()
+    # p_{k+1} pools the coarsest level p_k (p5 for the four-level Rev-MViT-B)
+    top_block.in_feature = "p{}".format(
+        int(bottom_up.output_shape()[c.OUT_FEATURES[-1]].stride).bit_length() - 1)
+    return FPN(bottom_up=bottom_up, in_features=list(c.OUT_FEATURES),
+               out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM,
+               top_block=top_block, fuse_type=cfg.MODEL.FPN.FUSE_TYPE)

@@ -1,0 +1,245 @@
+"""Detectron2 wrapping: backbone contract, configs, checkpoints, the yacs path."""
+import glob
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+import revvit_d2
+from revvit_d2.d2 import (RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone,
+                          RevvitCheckpointer)
+
+from conftest import load_oracle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_VIT = dict(img_size=64, embed_dim=64, depth=4, num_heads=2)
+TINY_MVIT = dict(input_size=(64, 64), embed_dim=16, depth=7, num_heads=1,
+                 dim_mul=((1, 2.0), (3, 2.0), (5, 2.0)), head_mul=((1, 2.0), (3, 2.0), (5, 2.0)),
+                 pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2), (5, 1, 2, 2)),
+                 transition_layers=(1, 3, 5))
+
+
+def _sfp(**kw):
+    net = RevViTBackbone(**dict(TINY_VIT, **kw))
+    return RevSimpleFeaturePyramid(net=net, in_feature="last_feat", out_channels=32,
+                                   scale_factors=(4.0, 2.0, 1.0, 0.5),
+                                   top_block=LastLevelMaxPool(), norm="LN")
+
+
+def _fpn(**kw):
+    bottom_up = RevMViTBackbone(**dict(TINY_MVIT, **kw))
+    return FPN(bottom_up=bottom_up, in_features=list(bottom_up.output_shape()), out_channels=32,
+               top_block=LastLevelMaxPool())
+
+
+@pytest.mark.parametrize("make", [_sfp, _fpn, lambda: RevViTBackbone(**TINY_VIT),
+                                  lambda: RevMViTBackbone(**TINY_MVIT)])
+@pytest.mark.parametrize("hw", [(64, 64), (97, 130), (33, 250)])
+def test_output_shape_matches_outputs_at_odd_sizes(make, hw):
+    backbone = make()
+    images = ImageList.from_tensors([torch.randn(3, *hw), torch.randn(3, 40, 50)],
+                                    backbone.size_divisibility,
+                                    padding_constraints=backbone.padding_constraints)
+    H, W = images.tensor.shape[-2:]
+    assert H % backbone.size_divisibility == 0 and W % backbone.size_divisibility == 0
+    assert H >= hw[0] and W >= hw[1] and H - hw[0] < backbone.size_divisibility
+    out = backbone(images.tensor)
+    shapes = backbone.output_shape()
+    assert list(out) == list(shapes)
+    for name, t in out.items():
+        spec = shapes[name]
+        assert t.shape[1] == spec.channels, name
+        # p6 (LastLevelMaxPool, stride 64) rounds up when the padding is only to 32
+        assert (t.shape[-2], t.shape[-1]) == (-(-H // spec.stride), -(-W // spec.stride)), name
+
+
+def test_padding_constraints_use_the_correct_key():
+    sfp = _sfp()
+    assert sfp.padding_constraints["size_divisibility"] == 32
+    assert sfp.size_divisibility == 32
+    assert "size_divisiblity" not in sfp.padding_constraints
+
+
+@pytest.mark.parametrize("make", [_sfp, _fpn])
+def test_every_parameter_gets_a_gradient_and_freezing_works(make):
+    free = make()
+    sum(v.mean() for v in free(torch.randn(2, 3, 64, 96)).values()).backward()
+    missing = [n for n, p in free.named_parameters() if p.grad is None]
+    # LastLevelMaxPool has no parameters; p6 only pools p5
+    assert missing == [], missing
+    frozen = make(freeze_patch_embed=True, freeze_blocks=2)
+    sum(v.mean() for v in frozen(torch.randn(2, 3, 64, 96)).values()).backward()
+    for n, p in frozen.named_parameters():
+        frozen_part = ".patch_embed." in n or ".pos_embed" in n or ".blocks.0." in n or \
+            ".blocks.1." in n
+        assert (p.grad is None) == frozen_part, n
+
+
+def _fake_batch(num_classes, size=(64, 96)):
+    batch = []
+    for _ in range(2):
+        inst = Instances(size)
+        boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]])
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.tensor([0, num_classes - 1])
+        masks = torch.zeros(2, *size, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+            masks[i, y0:y1, x0:x1] = True
+        inst.gt_masks = BitMasks(masks)
+        batch.append({"image": torch.randint(0, 255, (3, *size), dtype=torch.uint8).float(),
+                      "instances": inst, "height": size[0], "width": size[1]})
+    return batch
+
+
+CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "COCO" / "*.py")))
+
+TINY_OVERRIDES = {
+    "revvit": [f"model.backbone.net.{k}={v}" for k, v in TINY_VIT.items()] + [
+        "model.backbone.net.window_size=2", "model.backbone.net.global_block_indexes=[1,3]",
+        "model.backbone.square_pad=0"],
+    "vit": ["model.backbone.net.img_size=64", "model.backbone.net.pretrain_img_size=64",
+            "model.backbone.net.embed_dim=64", "model.backbone.net.depth=4",
+            "model.backbone.net.num_heads=2", "model.backbone.net.window_size=2",
+            "model.backbone.net.window_block_indexes=[0,2]", "model.backbone.square_pad=0"],
+    "revmvit": ["model.backbone.bottom_up.input_size=[64,64]",
+                "model.backbone.bottom_up.embed_dim=16", "model.backbone.bottom_up.depth=7",
+                "model.backbone.bottom_up.dim_mul=[[1,2.0],[3,2.0],[5,2.0]]",
+                "model.backbone.bottom_up.head_mul=[[1,2.0],[3,2.0],[5,2.0]]",
+                "model.backbone.bottom_up.pool_q_stride=[[1,1,2,2],[3,1,2,2],[5,1,2,2]]",
+                "model.backbone.bottom_up.transition_layers=[1,3,5]"],
+}
+HEAD_OVERRIDES = ["model.roi_heads.batch_size_per_image=32",
+                  "model.proposal_generator.batch_size_per_image=32",
+                  "model.proposal_generator.post_nms_topk=[50,50]",
+                  "model.proposal_generator.pre_nms_topk=[100,100]"]
+
+
+def _family(path):
+    name = Path(path).name
+    for fam in ("revmvit", "revvit", "vit"):
+        if f"_{fam}_" in name:
+            return fam
+    raise AssertionError(f"unknown config family: {name}")
+
+
+def test_every_coco_config_is_covered():
+    names = {Path(c).name for c in CONFIGS}
+    assert {"mask_rcnn_revvit_b_100ep.py", "mask_rcnn_revmvit_b_3x.py",
+            "mask_rcnn_vit_b_100ep.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).name)
+def test_config_loads_and_trains_one_step(path):
+    cfg = LazyConfig.load(path)
+    cfg = LazyConfig.apply_overrides(cfg, TINY_OVERRIDES[_family(path)] + HEAD_OVERRIDES)
+    for part in ("model", "optimizer", "train", "dataloader", "lr_multiplier"):
+        assert part in cfg, part
+    model = instantiate(cfg.model)
+    model.train()
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    num_classes = cfg.model.roi_heads.num_classes
+    with EventStorage(0):
+        losses = model(_fake_batch(num_classes))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name,family", [
+    ("slowfast_revvit_tiny.pt", "revvit"),
+    ("mmpretrain_revvit_tiny.pt", "revvit"),
+    ("slowfast_revmvit_tiny_image.pt", "revmvit"),
+])
+def test_init_checkpoint_from_official_files_loads_every_backbone_key(name, family, tmp_path,
+                                                                       caplog):
+    data = load_oracle(name)
+    if family == "revvit":
+        backbone = _sfp(depth=4)
+        core = backbone.net
+    else:
+        bottom_up = RevMViTBackbone(**dict(TINY_MVIT, depth=5, transition_layers=(1, 3),
+                                           dim_mul=((1, 2.0), (3, 2.0)),
+                                           head_mul=((1, 2.0), (3, 2.0)),
+                                           pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2)),
+                                           pool_kvq_kernel=(1, 3, 3),
+                                           pool_kv_stride_adaptive=(1, 4, 4),
+                                           pre_q_fusion="concat_linear_2",
+                                           out_features=("scale2", "scale3", "scale4")))
+        backbone = FPN(bottom_up=bottom_up, in_features=["scale2", "scale3", "scale4"],
+                       out_channels=32)
+        core = bottom_up
+    path = tmp_path / ("ckpt.pyth" if name.startswith("slowfast") else "ckpt.pth")
+    wrapper = "model_state" if name.startswith("slowfast") else "state_dict"
+    torch.save({wrapper: data["state_dict"]}, path)
+    model = torch.nn.Module()
+    model.backbone = backbone
+    with caplog.at_level(logging.INFO):
+        RevvitCheckpointer(model).load(str(path))
+    expected = revvit_d2.convert_state_dict({wrapper: data["state_dict"]})
+    own = core.state_dict()
+    loaded = [k for k in own if k in expected]
+    # every backbone tensor of the core model comes from the checkpoint, except the per-level
+    # norms that only the detector has
+    assert sorted(set(own) - set(loaded)) == sorted(k for k in own if k.startswith("out_norms."))
+    for k in loaded:
+        assert torch.equal(own[k], expected[k]), k
+    assert f"loaded {len(loaded)}/{len(own)} backbone tensors" in caplog.text
+    assert "checkpoint tensors the backbone does not use: head.bias, head.weight" in caplog.text
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    other = revvit_d2.create_model("rev_mvit_test")
+    path = tmp_path / "other.pth"
+    torch.save({"model": other.state_dict()}, path)
+    model = torch.nn.Module()
+    model.backbone = _sfp()
+    with pytest.raises(revvit_d2.CheckpointMismatchError, match="shape mismatches"):
+        RevvitCheckpointer(model).load(str(path))
+
+
+def test_checkpointer_saves_atomically(tmp_path, monkeypatch):
+    model = torch.nn.Module()
+    model.backbone = _sfp()
+    ckpt = RevvitCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000009")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000019")
+    assert not (tmp_path / "model_0000019.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "model_0000009.pth", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("builder,variant", [("build_revvit_sfp_backbone", "rev_vit_test"),
+                                             ("build_revmvit_fpn_backbone", "rev_mvit_test")])
+def test_yacs_path_builds_registered_backbones(builder, variant):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from revvit_d2.d2 import add_revvit_config
+
+    cfg = add_revvit_config(get_cfg())
+    cfg.MODEL.BACKBONE.NAME = builder
+    cfg.MODEL.REVVIT.VARIANT = variant
+    cfg.MODEL.REVVIT.IMG_SIZE = 64
+    cfg.MODEL.REVVIT.OUT_FEATURES = ["scale2", "scale3", "scale4"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    backbone = build_backbone(cfg)
+    out = backbone(torch.randn(1, 3, 64, 64))
+    assert {k: v.shape[1] for k, v in out.items()} == {k: 32 for k in backbone.output_shape()}
