@@ -53,6 +53,8 @@ class RevViT(nn.Module):
         use_rev_backprop (bool): memory-saving reversible backward (False: plain autograd).
         act_checkpoint (bool): with ``use_rev_backprop=False``, activation checkpointing per
             block (``torch.utils.checkpoint``); a baseline for the memory benchmarks.
+        parallel_backward (bool): PaReprop schedule of the reversible backward (inversion of
+            the previous block on a second CUDA stream); same gradients. CUDA only in effect.
         check_finite (bool): raise naming the first block whose output is not finite.
         pos_embed_interp (str): interpolation used when the input grid differs from the
             training grid ("bicubic").
@@ -78,6 +80,7 @@ class RevViT(nn.Module):
         fuse="concat",
         use_rev_backprop=True,
         act_checkpoint=False,
+        parallel_backward=False,
         check_finite=False,
         pos_embed_interp="bicubic",
         window_size=0,
@@ -94,6 +97,7 @@ class RevViT(nn.Module):
         self.num_classes = num_classes
         self.use_rev_backprop = use_rev_backprop
         self.act_checkpoint = act_checkpoint
+        self.parallel_backward = parallel_backward
         self.check_finite = check_finite
         self.pos_embed_interp = pos_embed_interp
         self.patch_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
@@ -143,7 +147,8 @@ class RevViT(nn.Module):
         x, thw = self.patch_embed(x)  # (B, N, C)
         x = self.pos_drop(x + self._pos_embed(thw[1:]))
         y1, y2 = reversible_stack(self.blocks, x, x, thw, self.use_rev_backprop,
-                                  self.check_finite, self.block_names, self.act_checkpoint)
+                                  self.check_finite, self.block_names, self.act_checkpoint,
+                                  self.parallel_backward)
         return self.stack_drop(torch.cat([y1, y2], dim=-1)), thw
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

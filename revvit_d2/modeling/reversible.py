@@ -173,6 +173,8 @@ class RevBackProp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy1, dy2):
+        if ctx.spec.parallel:
+            return _parallel_backward(ctx, dy1, dy2)
         spec = ctx.spec
         y1, y2 = ctx.saved_tensors
         y1, y2 = y1.detach(), y2.detach()
@@ -253,15 +255,106 @@ def _maybe_fork(rng: Optional[_RNGState]):
     return rng.fork() if rng is not None else _NullContext()
 
 
-class _RunSpec:
-    __slots__ = ("blocks", "thw", "params", "check_finite", "names")
+def _trainable(module):
+    """(names, parameters) of the parameters of `module` that require grad."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
 
-    def __init__(self, blocks, thw, params, check_finite, names):
+
+def _run_recorded(module, rng, mask, autocast_state, *args):
+    """Call `module` with the forward's RNG state and autocast state, then apply the mask."""
+    device_type, enabled, dtype = autocast_state
+    with _maybe_fork(rng), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        return _apply_mask(module(*args), mask)
+
+
+def _parallel_backward(ctx, dy1, dy2):
+    """PaReprop schedule (Zhu & Mangalam, 2023): while the main stream computes block i's
+    gradients from its (already rebuilt) inputs, a side stream inverts block i-1, so the
+    inversion's cost hides behind the gradient work. Events order the two streams. On a CPU
+    the same schedule runs sequentially (useful only to test it).
+
+    Compared with the sequential backward it computes F and G once more per block (the
+    inversion has no graph; the gradient step re-runs the block forward with one), trading
+    FLOPs for overlap.
+    """
+    spec = ctx.spec
+    y1, y2 = (t.detach() for t in ctx.saved_tensors)
+    autocast_state = ctx.autocast
+    records = ctx.records
+    blocks = spec.blocks
+    device = y1.device
+    cuda = device.type == "cuda"
+    main = torch.cuda.current_stream(device) if cuda else None
+    side = torch.cuda.Stream(device) if cuda else None
+
+    param_index = {id(p): i for i, p in enumerate(spec.params)}
+    param_grads: List[Optional[torch.Tensor]] = [None] * len(spec.params)
+
+    def invert(i, a1, a2):
+        """Inputs of block i from its outputs (no graph), on the side stream."""
+        blk, rec = blocks[i], records[i]
+        with torch.no_grad():
+            x2 = a2 - _run_recorded(blk.G, rec.rng_g, rec.mask, autocast_state, a1)
+            x1 = a1 - _run_recorded(blk.F, rec.rng_f, rec.mask, autocast_state, x2, spec.thw)
+        return x1, x2
+
+    def launch_inversion(i, a1, a2):
+        if not cuda:
+            return invert(i, a1, a2), None
+        side.wait_stream(main)  # a1, a2 and everything before are ready on the main stream
+        with torch.cuda.stream(side):
+            out = invert(i, a1, a2)
+            event = torch.cuda.Event()
+            event.record(side)
+        for t in out:
+            t.record_stream(main)  # used on the main stream later: keep the memory alive
+        return out, event
+
+    inputs, event = launch_inversion(len(blocks) - 1, y1, y2)
+    for i in range(len(blocks) - 1, -1, -1):
+        if event is not None:
+            main.wait_event(event)
+        x1, x2 = inputs
+        if i > 0:  # overlap: invert block i-1 while block i's gradients are computed
+            inputs, event = launch_inversion(i - 1, x1, x2)
+        blk, rec = blocks[i], records[i]
+        names_f, leaves_f = _trainable(blk.F)
+        names_g, leaves_g = _trainable(blk.G)
+        alias_f = [p.detach().requires_grad_(True) for p in leaves_f]
+        alias_g = [p.detach().requires_grad_(True) for p in leaves_g]
+        with torch.enable_grad():
+            a1 = x1.detach().requires_grad_(True)
+            a2 = x2.detach().requires_grad_(True)
+            f_mod = lambda *args: torch.func.functional_call(  # noqa: E731
+                blk.F, dict(zip(names_f, alias_f)), args)
+            g_mod = lambda *args: torch.func.functional_call(  # noqa: E731
+                blk.G, dict(zip(names_g, alias_g)), args)
+            b1 = a1 + _run_recorded(f_mod, rec.rng_f, rec.mask, autocast_state, a2, spec.thw)
+            b2 = a2 + _run_recorded(g_mod, rec.rng_g, rec.mask, autocast_state, b1)
+        grads = torch.autograd.grad((b1, b2), [a1, a2] + alias_f + alias_g, (dy1, dy2),
+                                    allow_unused=True)
+        for p, g in zip(list(leaves_f) + list(leaves_g), grads[2:]):
+            if g is not None:
+                k = param_index[id(p)]
+                param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+        dy1 = grads[0] if grads[0] is not None else torch.zeros_like(x1)
+        dy2 = grads[1] if grads[1] is not None else torch.zeros_like(x2)
+        del b1, b2, grads
+    ctx.records = None
+    return (dy1, dy2, None) + tuple(param_grads)
+
+
+class _RunSpec:
+    __slots__ = ("blocks", "thw", "params", "check_finite", "names", "parallel")
+
+    def __init__(self, blocks, thw, params, check_finite, names, parallel=False):
         self.blocks = blocks
         self.thw = thw
         self.params = params
         self.check_finite = check_finite
         self.names = names
+        self.parallel = parallel
 
 
 def reversible_stack(
@@ -273,6 +366,7 @@ def reversible_stack(
     check_finite: bool = False,
     names: Optional[Sequence[str]] = None,
     act_checkpoint: bool = False,
+    parallel_backward: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run a sequence of reversible blocks on the streams (x1, x2).
 
@@ -291,6 +385,9 @@ def reversible_stack(
         names: block names used in that message.
         act_checkpoint (bool): with ``use_rev_backprop=False``, wrap each block in
             ``torch.utils.checkpoint`` (the usual activation-checkpointing baseline).
+        parallel_backward (bool): PaReprop schedule for the reversible backward: on CUDA the
+            inversion of block i-1 runs on a second stream while block i's gradients are
+            computed. Off by default (and pointless on a CPU, where it runs sequentially).
     """
     thw = tuple(int(s) for s in thw)
     params = []
@@ -302,7 +399,7 @@ def reversible_stack(
                     seen.add(id(p))
                     params.append(p)
         if params or x1.requires_grad or x2.requires_grad:
-            spec = _RunSpec(list(blocks), thw, params, check_finite, names)
+            spec = _RunSpec(list(blocks), thw, params, check_finite, names, parallel_backward)
             return RevBackProp.apply(x1, x2, spec, *params)
     checkpointing = act_checkpoint and torch.is_grad_enabled()
     for i, blk in enumerate(blocks):
