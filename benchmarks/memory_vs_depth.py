@@ -24,13 +24,26 @@ sum of everything ever allocated rather than what was alive at once, and the rev
 vanish from the numbers. A fixed threshold makes every buffer >= 64 KiB its own mmap, returned to
 the kernel on free, so peak RSS tracks the peak of live tensors.
 
-Warm-up: the child runs ``--steps`` (default 2) identical steps, the first being the warm-up.
-``ru_maxrss`` cannot be reset, so the warm-up cannot *remove* anything from the peak; what it
-does is make the reported peak the maximum over a first step (lazy allocations: gradient
-buffers, oneDNN/OpenMP scratch, autograd engine threads) and a steady-state step (gradients
-already allocated before the forward, as in a training loop that does not free them). The JSON
-keeps the high-water mark after model build, after the warm-up step and after the last step, so
-one can see how much each contributes. Both per-batch constants cancel in the difference.
+Warm-up: the child runs ``--steps`` (default 2) identical steps, the first being the warm-up,
+with ``zero_grad(set_to_none=False)`` so gradients stay allocated between steps as in a training
+loop. ``ru_maxrss`` cannot be reset, so the warm-up cannot remove anything from the peak; the
+reported peak is max(step 1, step 2). What it buys is a clean separation: in the first step the
+parameter gradients are allocated *during* the backward, while activations are being freed, so
+the peak is the maximum over time of (gradients so far + live activations) and where that
+maximum falls shifts with the batch size; the difference between two batch sizes then mixes
+gradient and activation memory (measured on Rev-ViT 192 wide: reversible 2.8 MiB/sample and
+checkpointing 2.8 MiB/sample at 48 blocks from the first step alone, against 3.9 and 17.4 from
+the second). In the second step the gradients exist from the start, so the peak is
+(constant) + (largest live activation set), which is exactly what the batch difference isolates.
+It also folds lazy one-time allocations (oneDNN primitives and scratch, autograd threads, the
+extra imports of ``torch.utils.checkpoint``) into the constant. The JSON keeps the high-water
+mark after import, after model build and after every step.
+
+Batch size 1 is a poor first batch size on the CPU: oneDNN's convolution backward (the patch
+embedding) takes a different, hungrier path at N=1 (about 4.5 MiB more than at N=2 for a 64x64
+input), which makes the per-sample figure wrong, even negative for small models. Very small
+batches also sit on a knee where fixed-size scratch buffers dominate the peak; 2 and 6 give the
+same per-sample figure as 4 and 10 within about 0.2 MiB for the default model.
 
 Examples::
 
@@ -185,7 +198,7 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         mem_kib = None
     return dict(
-        cpu=cpu, cores=os.cpu_count(),
+        cpu=cpu, cores=os.cpu_count(), load_average_1_5_15=[round(v, 2) for v in os.getloadavg()],
         mem_total_gib=round(mem_kib / 2**20, 1) if mem_kib else None,
         platform=platform.platform(), python=platform.python_version(),
         torch=torch.__version__,
@@ -202,16 +215,27 @@ def _command_line(argv) -> str:
     return " ".join(["python", shlex.quote(str(script))] + [shlex.quote(a) for a in argv])
 
 
+def _peak(raw, mode, depth, batch, repeat=None):
+    vals = [r["peak_kib"] for r in raw
+            if (r["mode"], r["depth"], r["batch"]) == (mode, depth, batch)
+            and (repeat is None or r["repeat"] == repeat)]
+    return statistics.median(vals)
+
+
 def per_sample_table(raw, modes, depths, b1, b2):
-    """{mode: {depth: per-sample MiB}} from the medians over repeats."""
-    table = {}
+    """{mode: {depth: per-sample MiB}} from the median peaks over repeats, and the per-sample
+    value of each repeat on its own (to show the spread)."""
+    table, by_repeat = {}, {}
+    repeats = sorted({r["repeat"] for r in raw})
     for mode in modes:
-        table[mode] = {}
+        table[mode], by_repeat[mode] = {}, {}
         for d in depths:
-            p1 = statistics.median(r["peak_kib"] for r in raw if (r["mode"], r["depth"], r["batch"]) == (mode, d, b1))
-            p2 = statistics.median(r["peak_kib"] for r in raw if (r["mode"], r["depth"], r["batch"]) == (mode, d, b2))
-            table[mode][d] = (p2 - p1) / (b2 - b1) / 1024.0
-    return table
+            diff_kib = _peak(raw, mode, d, b2) - _peak(raw, mode, d, b1)
+            table[mode][d] = diff_kib / (b2 - b1) / 1024.0
+            by_repeat[mode][d] = [
+                (_peak(raw, mode, d, b2, k) - _peak(raw, mode, d, b1, k)) / (b2 - b1) / 1024.0
+                for k in repeats]
+    return table, by_repeat
 
 
 def _linear_fit(xs, ys):
@@ -232,18 +256,19 @@ def summarize(table, modes, depths):
     for mode in modes:
         a, b = table[mode][lo], table[mode][hi]
         summary["growth_pct"][mode] = (b - a) / a * 100.0 if a > 0 else None
-        if len(depths) >= 2:
+        if len(depths) >= 3:
             slope, icept, r2 = _linear_fit(depths, [table[mode][d] for d in depths])
             summary["linear_fit"][mode] = dict(mib_per_block=slope, intercept_mib=icept, r2=r2)
     return summary
 
 
 def write_markdown(path, table, summary, modes, depths, info, settings, command):
+    heads = f"{settings['heads']} heads" if settings["heads"] else "the variant heads"
     lines = [
         "# Peak training memory per sample vs depth (CPU)",
         "",
         f"Model `{settings['model']}`, width {settings['width'] or 'as the variant'}, "
-        f"{str(settings['heads']) + ' heads' if settings['heads'] else 'the variant heads'}, {settings['img_size']}x{settings['img_size']} "
+        f"{heads}, {settings['img_size']}x{settings['img_size']} "
         f"input, batch sizes {settings['batch_sizes'][0]} and {settings['batch_sizes'][1]}, "
         f"{settings['threads']} torch thread(s), {settings['steps']} training step(s) per process "
         f"(forward + cross-entropy + backward; the first is a warm-up), "
@@ -274,11 +299,16 @@ def write_markdown(path, table, summary, modes, depths, info, settings, command)
         extra = (f" (linear fit: {fit['mib_per_block']:.2f} MiB per block per sample, "
                  f"R² {fit['r2']:.3f})") if fit else ""
         lines.append(f"- {m}: {g:+.1f}%{extra}" if g is not None else f"- {m}: n/a")
+    if settings["repeats"] > 1:
+        lines += ["", f"Largest spread of a per-sample value across the {settings['repeats']} "
+                      f"repeats: {summary['max_repeat_spread_mib']:.2f} MiB."]
     lines += [
         "",
         f"Measured on {info['cpu']} ({info['cores']} cores, {info['mem_total_gib']} GiB), "
         f"Python {info['python']}, torch {info['torch']}, {info['date']}, by "
-        f"`{command}` (total {settings['wall_seconds']:.0f} s). Raw numbers: "
+        f"`{command}` (total {settings['wall_seconds']:.0f} s; 1-minute load average "
+        f"{info['load_average_1min_at_start']} at the start, {info['load_average_1_5_15'][0]} at "
+        f"the end: run times, not memory, depend on it). Raw numbers: "
         f"`{settings['json_name']}`.",
         "",
     ]
@@ -315,6 +345,7 @@ def run_parent(args, argv):
             sys.exit(f"memory_vs_depth: unknown mode {m!r} (choose from {', '.join(MODES)})")
     depths = sorted(set(args.depths))
     b1, b2 = args.batch_sizes
+    load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     raw = []
     jobs = [(r, m, d, b) for r in range(args.repeats) for d in depths for m in args.modes
@@ -328,9 +359,12 @@ def run_parent(args, argv):
                   f"{res['peak_kib'] / 1024:8.1f} MiB  (step {res['step_seconds'][-1]:.2f} s)",
                   flush=True)
     wall = time.perf_counter() - t0
-    table = per_sample_table(raw, args.modes, depths, b1, b2)
+    table, by_repeat = per_sample_table(raw, args.modes, depths, b1, b2)
     summary = summarize(table, args.modes, depths)
+    summary["max_repeat_spread_mib"] = max(max(v) - min(v) for m in by_repeat
+                                           for v in by_repeat[m].values())
     info = machine_info()
+    info["load_average_1min_at_start"] = load_start
     command = _command_line(argv)
     settings = dict(
         model=args.model, width=args.width, heads=args.heads, img_size=args.img_size,
@@ -342,6 +376,8 @@ def run_parent(args, argv):
     out = dict(
         machine=info, settings=settings, command=command,
         per_sample_mib={m: {str(d): v for d, v in table[m].items()} for m in args.modes},
+        per_sample_mib_by_repeat={m: {str(d): v for d, v in by_repeat[m].items()}
+                                  for m in args.modes},
         summary=summary, raw=raw,
     )
     for p in (args.json, args.markdown, args.plot):
@@ -361,15 +397,17 @@ def parse_args(argv):
     p.add_argument("--model", default="rev_vit_s", help="any revvit_d2.create_model name")
     p.add_argument("--width", type=int, default=192,
                    help="embed_dim override (0: keep the variant's)")
-    p.add_argument("--heads", type=int, default=3, help="num_heads override (0: keep the variant's)")
+    p.add_argument("--heads", type=int, default=3,
+                   help="num_heads override (0: keep the variant's)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12, 24, 48])
     p.add_argument("--modes", nargs="+", default=list(MODES), help=f"subset of {MODES}")
-    p.add_argument("--batch-sizes", type=int, nargs=2, default=[2, 6], metavar=("B1", "B2"))
+    p.add_argument("--batch-sizes", type=int, nargs=2, default=[2, 6], metavar=("B1", "B2"),
+                   help="two batch sizes, smaller first (avoid 1: see the module docstring)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     p.add_argument("--steps", type=int, default=2,
                    help="training steps per child (the first is the warm-up)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=int, default=2,
                    help="fresh processes per (mode, depth, batch); the median peak is used")
     p.add_argument("--depth-kwarg", default="depth", help="create_model keyword for the depth")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -1,0 +1,58 @@
+"""Smoke test of benchmarks/memory_vs_depth.py: it runs end to end on tiny settings and writes
+its three outputs. The memory targets themselves (flat reversible curve) are checked by the
+benchmark run recorded in docs/memory_vs_depth.md, not here."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "memory_vs_depth.py"
+MODES = ["reversible", "plain", "checkpoint"]
+DEPTHS = [2, 4]
+
+
+@pytest.mark.slow
+def test_memory_vs_depth_smoke(tmp_path):
+    out_json, out_md, out_png = tmp_path / "m.json", tmp_path / "m.md", tmp_path / "m.png"
+    # 128x128 and batch sizes 2/8 rather than smaller: at 64x64 the per-sample signal is below
+    # the allocator's noise, and batch size 1 takes a hungrier oneDNN convolution path (see the
+    # script's docstring), both of which can make a per-sample value negative.
+    cmd = [sys.executable, str(SCRIPT), "--depths", *map(str, DEPTHS), "--img-size", "128",
+           "--width", "64", "--heads", "2", "--batch-sizes", "2", "8", "--repeats", "1",
+           "--json", str(out_json), "--markdown", str(out_md), "--plot", str(out_png), "--quiet"]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    data = json.loads(out_json.read_text())
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch"]
+    assert len(data["raw"]) == len(MODES) * len(DEPTHS) * 2
+    assert all(r["peak_kib"] > 0 and r["malloc_mmap_threshold"] == "65536" for r in data["raw"])
+    for mode in MODES:
+        for d in DEPTHS:
+            v = data["per_sample_mib"][mode][str(d)]
+            assert math.isfinite(v) and v > 0, (mode, d, v)
+
+    md = out_md.read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| depth"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:4] == MODES
+    for d in DEPTHS:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {d} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][1:4]
+        assert all(re.fullmatch(r"\d+\.\d", c) and float(c) > 0 for c in cells), row
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_vs_depth_child_failure_is_one_line(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--model", "no_such_model", "--depths", "2",
+           "--modes", "plain", "--json", str(tmp_path / "m.json"),
+           "--markdown", str(tmp_path / "m.md"), "--plot", str(tmp_path / "m.png"), "--quiet"]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "child failed" in lines[0] and "no_such_model" in lines[0], lines
+    assert not (tmp_path / "m.json").exists()
