@@ -182,7 +182,9 @@ def invoke_main() -> int:
         if not _expected_error(e):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
+        if not isinstance(e, ToolError):
+            msg = f"{type(e).__name__}: {msg}"
+        print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
 

@@ -15,12 +15,22 @@ from typing import Dict, Optional, Sequence
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool as _LastLevelMaxPool
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
 
 from ..modeling.rev_mvit import RevMViT
 from ..modeling.rev_vit import RevViT
 
-__all__ = ["RevViTBackbone", "RevMViTBackbone", "RevSimpleFeaturePyramid"]
+__all__ = ["RevViTBackbone", "RevMViTBackbone", "RevSimpleFeaturePyramid", "LastLevelMaxPool"]
+
+
+class LastLevelMaxPool(_LastLevelMaxPool):
+    """detectron2's LastLevelMaxPool with a configurable input level (upstream: always "p5"),
+    for pyramids whose coarsest level is not p5 (e.g. a patch-8 Rev-ViT gives p2..p4)."""
+
+    def __init__(self, in_feature: str = "p5"):
+        super().__init__()
+        self.in_feature = in_feature
 
 
 class RevViTBackbone(RevViT, Backbone):

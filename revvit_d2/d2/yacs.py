@@ -10,10 +10,10 @@ Both builders construct the same classes as the LazyConfig files (``configs/COCO
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN
 
 from ..modeling.variants import get_model_kwargs
-from .backbone import RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone
+from .backbone import LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone
 
 __all__ = ["add_revvit_config", "build_revvit_sfp_backbone", "build_revmvit_fpn_backbone"]
 
@@ -69,10 +69,9 @@ def build_revmvit_fpn_backbone(cfg, input_shape: ShapeSpec):
     for key in _VIT_ONLY:
         kwargs.pop(key, None)
     bottom_up = RevMViTBackbone(out_features=tuple(c.OUT_FEATURES), **kwargs)
-    top_block = LastLevelMaxPool()
     # p_{k+1} pools the coarsest level p_k (p5 for the four-level Rev-MViT-B)
-    top_block.in_feature = "p{}".format(
-        int(bottom_up.output_shape()[c.OUT_FEATURES[-1]].stride).bit_length() - 1)
+    coarsest = int(bottom_up.output_shape()[c.OUT_FEATURES[-1]].stride).bit_length() - 1
+    top_block = LastLevelMaxPool(in_feature=f"p{coarsest}")
     return FPN(bottom_up=bottom_up, in_features=list(c.OUT_FEATURES),
                out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM,
                top_block=top_block, fuse_type=cfg.MODEL.FPN.FUSE_TYPE)

@@ -6,9 +6,7 @@ SimpleFeaturePyramid with corrected padding constraints (revvit_d2.d2.RevSimpleF
 """
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-
-from revvit_d2.d2 import RevSimpleFeaturePyramid, RevViTBackbone
+from revvit_d2.d2 import LastLevelMaxPool, RevSimpleFeaturePyramid, RevViTBackbone
 
 model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
 

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Training memory per image, largest batch and images/s: plain ViT vs Rev-ViT vs activation
+checkpointing, and Rev-MViT vs the same model with plain autograd, side by side in one run.
+
+On CUDA (the real target) memory is ``torch.cuda.max_memory_allocated``; per-image memory is the
+difference between two batch sizes divided by their difference (constant parts cancel), the
+largest batch is found by doubling then bisection on out-of-memory, and speed is the median step
+time at equal batch. On a CPU only step time is measured (memory: benchmarks/memory_vs_depth.py),
+so CPU runs give speed *ratios* only. Every pair is measured interleaved, so machine noise hits
+both sides alike.
+
+Both sides use ``scaled_dot_product_attention``: the plain baselines are timm ViTs (fused
+attention) and our models with ``use_rev_backprop=False``.
+
+Example (GPU, the acceptance run):
+
+    python benchmarks/memory_speed.py --device cuda --dtypes float32 bfloat16 \
+        --out docs/memory_speed_gpu
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+import revvit_d2
+
+# name: (factory of the model, description)
+VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
+
+
+def build(kind: str, size: str, depth: int, img: int, **extra):
+    """kind: 'rev' (Rev-ViT), 'plain' (timm ViT), 'ckpt' (timm ViT + grad checkpointing),
+    'rev_parallel' (Rev-ViT, parallel backward), 'revmvit' / 'revmvit_plain'."""
+    if kind.startswith("revmvit"):
+        return revvit_d2.create_model("rev_mvit_b", use_rev_backprop=(kind == "revmvit"),
+                                      drop_path_rate=0.0, **extra)
+    dim, default_depth, heads = VIT_SIZES[size]
+    depth = depth or default_depth
+    if kind in ("rev", "rev_parallel"):
+        return revvit_d2.create_model(f"rev_vit_{size}", depth=depth, img_size=img,
+                                      drop_path_rate=0.0,
+                                      parallel_backward=(kind == "rev_parallel"), **extra)
+    import timm
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=dim,
+                              depth=depth, num_heads=heads, img_size=img, num_classes=1000,
+                              class_token=False, global_pool="avg")
+    if kind == "ckpt":
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def step(model, x, y, dtype, device):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_bytes(model, batch, img, dtype, device):
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    step(model, x, y, dtype, device)  # warm-up: lazy allocations, cuDNN/SDPA choices
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step(model, x, y, dtype, device)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def fits(model, batch, img, dtype, device) -> bool:
+    try:
+        peak_bytes(model, batch, img, dtype, device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def largest_batch(model, img, dtype, device, limit=65536):
+    lo, hi = 0, 1
+    while hi <= limit and fits(model, hi, img, dtype, device):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(model, mid, img, dtype, device) else (lo, mid)
+    return lo
+
+
+def step_times(models, batch, img, dtype, device, repeats):
+    """Interleaved timing: each round times one step of every model."""
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    times = {k: [] for k in models}
+    for m in models.values():
+        step(m, x, y, dtype, device)
+    for _ in range(repeats):
+        for k, m in models.items():
+            sync(device)
+            t = time.perf_counter()
+            step(m, x, y, dtype, device)
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine(device):
+    info = dict(python=platform.python_version(), torch=torch.__version__,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                cpu=platform.processor() or platform.machine(), cores=os.cpu_count())
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if "model name" in ln)
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory
+                                       / 2**30, 1)
+    return info
+
+
+def run(args):
+    device = torch.device(args.device)
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for size in args.sizes:
+            for depth in args.depths or [0]:
+                kinds = ["plain", "rev", "ckpt"] + (["rev_parallel"] if args.parallel else [])
+                torch.manual_seed(0)
+                models = {k: build(k, size, depth, args.img_size).to(device).train()
+                          for k in kinds}
+                label = f"vit_{size}" + (f"@{depth}" if depth else "")
+                rows.append(measure(label, models, args, dtype, device))
+                del models
+        if args.mvit:
+            models = {k: build(k, "b", 0, 224).to(device).train()
+                      for k in ("revmvit_plain", "revmvit")}
+            rows.append(measure("mvit_b", models, args, dtype, device))
+    return rows
+
+
+def measure(label, models, args, dtype, device):
+    row = {"model": label, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
+    times = step_times(models, args.batch, args.img_size, dtype, device, args.repeats)
+    row["images_per_s"] = {k: args.batch / t for k, t in times.items()}
+    if device.type == "cuda":
+        b1, b2 = args.memory_batches
+        row["mib_per_image"] = {
+            k: (peak_bytes(m, b2, args.img_size, dtype, device)
+                - peak_bytes(m, b1, args.img_size, dtype, device)) / (b2 - b1) / 2**20
+            for k, m in models.items()}
+        if args.largest_batch:
+            row["largest_batch"] = {k: largest_batch(m, args.img_size, dtype, device)
+                                    for k, m in models.items()}
+            row["images_per_s_at_largest"] = {
+                k: bs / step_times({k: models[k]}, bs, args.img_size, dtype, device, 3)[k]
+                for k, bs in row["largest_batch"].items() if bs}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write(rows, info, args):
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"machine": info, "settings": vars(args), "rows": rows}, f, indent=1)
+    lines = [f"# Training memory and speed ({info.get('gpu', info['cpu'])})", "",
+             f"`{' '.join(sys.argv)}`; torch {info['torch']}, {info['date']}.", "",
+             "| model | dtype | side | images/s @ batch | ratio to plain (time) |"
+             + (" MiB/image | plain/this (memory) | largest batch |" if "mib_per_image" in
+                (rows[0] if rows else {}) else ""),
+             "|---|---|---|---:|---:|" + ("---:|---:|---:|" if rows and "mib_per_image" in
+                                          rows[0] else "")]
+    for r in rows:
+        sides = list(r["images_per_s"])
+        ref = "plain" if "plain" in sides else "revmvit_plain"
+        for k in sides:
+            t_ratio = r["images_per_s"][ref] / r["images_per_s"][k]
+            line = (f"| {r['model']} | {r['dtype']} | {k} | {r['images_per_s'][k]:.1f} "
+                    f"@ {r['batch']} | {t_ratio:.3f}x |")
+            if "mib_per_image" in r:
+                mem = r["mib_per_image"][k]
+                line += (f" {mem:.1f} | {r['mib_per_image'][ref] / mem:.2f}x |"
+                         f" {r.get('largest_batch', {}).get(k, '')} |")
+            lines.append(line)
+    lines += ["", "Time ratio > 1: a step is that many times slower than the plain model's at "
+              "the same batch. Memory is per image (difference of two batch sizes)."]
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", nargs="+", default=["s", "b", "l"], choices=sorted(VIT_SIZES))
+    p.add_argument("--depths", nargs="*", type=int, default=[],
+                   help="override the depth (e.g. 12 24 48); default: each size's own")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64, help="batch for the speed comparison")
+    p.add_argument("--memory-batches", type=int, nargs=2, default=[8, 24])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--largest-batch", action="store_true", help="also search the largest batch")
+    p.add_argument("--parallel", action="store_true", help="add the parallel reversible backward")
+    p.add_argument("--mvit", action="store_true", help="add Rev-MViT-B vs plain autograd")
+    p.add_argument("--out", default="docs/memory_speed")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    info = machine(torch.device(args.device))
+    rows = run(args)
+    write(rows, info, args)
+    print(f"wrote {args.out}.md and {args.out}.json")
+
+
+if __name__ == "__main__":
+    main()
