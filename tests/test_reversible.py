@@ -208,3 +208,28 @@ def test_parallel_backward_on_cuda_streams_matches_sequential():
     for (n, a), (_, b) in zip(par.named_parameters(), seq.named_parameters()):
         bound = 1e-6 + 1e-4 * b.grad.abs().max().item()
         assert (a.grad - b.grad).abs().max().item() <= bound, n
+
+
+def test_anchoring_every_k_blocks_keeps_the_gradients():
+    """Re-anchoring stores the streams every k blocks: same gradients, k-block chunks."""
+    rev, plain = _pair(depth=8)
+    torch.manual_seed(0)
+    anchored = revvit_d2.create_model("rev_vit_test", depth=8, drop_path_rate=0.3,
+                                      dropout_rate=0.1, head_dropout_rate=0.1, rev_anchor_every=3)
+    calls = []
+    original = RevBackProp.forward
+
+    def spy(ctx, x1, x2, spec, *params):
+        calls.append(len(spec.blocks))
+        return original(ctx, x1, x2, spec, *params)
+
+    x = torch.randn(2, 3, 64, 64)
+    _step(plain, x, seed=4)
+    try:
+        RevBackProp.forward = staticmethod(spy)
+        _step(anchored, x, seed=4)
+    finally:
+        RevBackProp.forward = staticmethod(original)
+    assert calls == [3, 3, 2]
+    for (n, a), (_, b) in zip(anchored.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=n)

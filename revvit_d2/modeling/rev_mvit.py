@@ -163,7 +163,7 @@ class RevMViT(nn.Module):
         pre_q_fusion (str): stream merge at the transitions ("avg", "concat_linear_2", ...).
         sep_pos_embed (bool): separable (spatial + temporal) position embedding.
         drop_path_rate, dropout_rate, head_dropout_rate, num_classes, fuse, use_rev_backprop,
-        act_checkpoint, parallel_backward, check_finite: as in
+        act_checkpoint, parallel_backward, rev_anchor_every, check_finite: as in
             :class:`~revvit_d2.modeling.rev_vit.RevViT`.
         out_features (sequence): feature levels (``scale2``..``scale5``) that get a learned
             LayerNorm in :meth:`forward_features` (the Detectron2 backbone sets them); other
@@ -199,6 +199,7 @@ class RevMViT(nn.Module):
         use_rev_backprop=True,
         act_checkpoint=False,
         parallel_backward=False,
+        rev_anchor_every=0,
         check_finite=False,
         out_features=(),
     ):
@@ -212,6 +213,7 @@ class RevMViT(nn.Module):
         self.use_rev_backprop = use_rev_backprop
         self.act_checkpoint = act_checkpoint
         self.parallel_backward = parallel_backward
+        self.rev_anchor_every = rev_anchor_every
         self.check_finite = check_finite
         self.sep_pos_embed = sep_pos_embed
 
@@ -353,7 +355,8 @@ class RevMViT(nn.Module):
             run = self.blocks[start:end + 1]
             names = [f"blocks.{i}" for i in range(start, end + 1)]
             y1, y2 = reversible_stack(run, x, x, thw, self.use_rev_backprop, self.check_finite,
-                                      names, self.act_checkpoint, self.parallel_backward)
+                                      names, self.act_checkpoint, self.parallel_backward,
+                                  self.rev_anchor_every)
             x2c = torch.cat([y1, y2], dim=-1)
             if self.check_finite and not torch.isfinite(x2c).all():
                 raise FloatingPointError(f"non-finite values after {names[-1]}")

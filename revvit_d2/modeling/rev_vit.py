@@ -55,6 +55,8 @@ class RevViT(nn.Module):
             block (``torch.utils.checkpoint``); a baseline for the memory benchmarks.
         parallel_backward (bool): PaReprop schedule of the reversible backward (inversion of
             the previous block on a second CUDA stream); same gradients. CUDA only in effect.
+        rev_anchor_every (int): store the streams every k blocks (bounds the accumulation of
+            inversion error; one stored pair per k blocks).
         check_finite (bool): raise naming the first block whose output is not finite.
         pos_embed_interp (str): interpolation used when the input grid differs from the
             training grid ("bicubic").
@@ -81,6 +83,7 @@ class RevViT(nn.Module):
         use_rev_backprop=True,
         act_checkpoint=False,
         parallel_backward=False,
+        rev_anchor_every=0,
         check_finite=False,
         pos_embed_interp="bicubic",
         window_size=0,
@@ -98,6 +101,7 @@ class RevViT(nn.Module):
         self.use_rev_backprop = use_rev_backprop
         self.act_checkpoint = act_checkpoint
         self.parallel_backward = parallel_backward
+        self.rev_anchor_every = rev_anchor_every
         self.check_finite = check_finite
         self.pos_embed_interp = pos_embed_interp
         self.patch_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
@@ -148,7 +152,8 @@ class RevViT(nn.Module):
         x = self.pos_drop(x + self._pos_embed(thw[1:]))
         y1, y2 = reversible_stack(self.blocks, x, x, thw, self.use_rev_backprop,
                                   self.check_finite, self.block_names, self.act_checkpoint,
-                                  self.parallel_backward)
+                                  self.parallel_backward,
+                                  self.rev_anchor_every)
         return self.stack_drop(torch.cat([y1, y2], dim=-1)), thw
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

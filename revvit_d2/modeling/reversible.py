@@ -367,6 +367,7 @@ def reversible_stack(
     names: Optional[Sequence[str]] = None,
     act_checkpoint: bool = False,
     parallel_backward: bool = False,
+    anchor_every: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run a sequence of reversible blocks on the streams (x1, x2).
 
@@ -388,6 +389,9 @@ def reversible_stack(
         parallel_backward (bool): PaReprop schedule for the reversible backward: on CUDA the
             inversion of block i-1 runs on a second stream while block i's gradients are
             computed. Off by default (and pointless on a CPU, where it runs sequentially).
+        anchor_every (int): if > 0, store the two streams every this many blocks (each chunk
+            is its own reversible run), so inversion error cannot accumulate over more than k
+            blocks; costs one pair of streams per chunk.
     """
     thw = tuple(int(s) for s in thw)
     params = []
@@ -399,8 +403,17 @@ def reversible_stack(
                     seen.add(id(p))
                     params.append(p)
         if params or x1.requires_grad or x2.requires_grad:
-            spec = _RunSpec(list(blocks), thw, params, check_finite, names, parallel_backward)
-            return RevBackProp.apply(x1, x2, spec, *params)
+            blocks, names = list(blocks), list(names) if names is not None else None
+            step = anchor_every if anchor_every > 0 else len(blocks)
+            for start in range(0, len(blocks), step):
+                chunk = blocks[start:start + step]
+                in_chunk = {id(q) for b in chunk for q in b.parameters()}
+                chunk_params = [p for p in params if id(p) in in_chunk]
+                spec = _RunSpec(chunk, thw, chunk_params, check_finite,
+                                names[start:start + step] if names is not None else None,
+                                parallel_backward)
+                x1, x2 = RevBackProp.apply(x1, x2, spec, *chunk_params)
+            return x1, x2
     checkpointing = act_checkpoint and torch.is_grad_enabled()
     for i, blk in enumerate(blocks):
         if checkpointing:
