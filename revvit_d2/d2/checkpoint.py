@@ -25,7 +25,7 @@ from ..checkpoint import CheckpointMismatchError, adapt_pos_embed, convert_state
 from ..modeling.rev_mvit import RevMViT
 from ..modeling.rev_vit import RevViT
 
-__all__ = ["RevvitCheckpointer", "find_reversible_core", "atomic_torch_save"]
+__all__ = ["AtomicSaveMixin", "RevvitCheckpointer", "find_reversible_core", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,38 @@ def _is_backbone_only(sd: Dict[str, torch.Tensor]) -> bool:
         k.startswith("backbone.") for k in sd)
 
 
-class RevvitCheckpointer(DetectionCheckpointer):
+class AtomicSaveMixin:
+    """For fvcore/detectron2 ``Checkpointer`` subclasses: ``save`` and the ``last_checkpoint``
+    tag go through a temporary file, fsync and an atomic rename (fvcore writes both in place,
+    so a kill during a save can leave a truncated "last" checkpoint)."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        atomic_torch_save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.save_dir, prefix=".tmp_last_")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(last_filename_basename)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(self.save_dir, "last_checkpoint"))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class RevvitCheckpointer(AtomicSaveMixin, DetectionCheckpointer):
     """DetectionCheckpointer + official reversible checkpoints + atomic saves."""
 
     def _load_file(self, filename: str):
@@ -113,23 +144,3 @@ class RevvitCheckpointer(DetectionCheckpointer):
             raise CheckpointMismatchError(bad_missing, bad_unused,
                                           [(k, sd[k].shape, own[k].shape) for k in mismatched])
         return {f"{prefix}.{k}": sd[k] for k in loaded}
-
-    def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to %s", save_file)
-        atomic_torch_save(data, save_file)
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        fd, tmp = tempfile.mkstemp(dir=self.save_dir, prefix=".tmp_last_")
-        with os.fdopen(fd, "w") as f:
-            f.write(last_filename_basename)
-        os.replace(tmp, path)

@@ -1,0 +1,176 @@
+"""Hub-style entry points (pytorchvideo ``models/hub`` pattern) and official checkpoint loading.
+
+One default-config dict per variant plus one thin function per variant::
+
+    from revvit_video import rev_mvit_b_16x4
+    model = rev_mvit_b_16x4(checkpoint="REV_MVIT_B_16x4.pyth")   # official SlowFast file, strict
+
+Weights cannot be downloaded in this environment, so ``pretrained=True`` needs a local file
+(``checkpoint=``); without one it raises ``ValueError`` telling you so. Accepted checkpoints: the
+official SlowFast ``.pyth`` (``{"model_state": ...}``, keys ``rev_backbone.layers.*``,
+``head.projection.*``), a ``revvit_d2`` state dict (``create_model("rev_mvit_b_16x4")`` names),
+or a checkpoint of this package (``trunk.*`` / ``head.proj.*``, as written by
+tools/run_video.py). Loading is strict: anything missing, unexpected or mis-shaped raises
+:class:`revvit_d2.CheckpointMismatchError`.
+"""
+import logging
+import os
+import pickle
+from typing import Any, Dict, Mapping
+
+import torch
+from torch import nn
+
+from revvit_d2 import (
+    CheckpointMismatchError,
+    convert_state_dict,
+    get_pretrained_cfg,
+    load_pretrained,
+)
+from revvit_d2.checkpoint import unwrap_checkpoint
+
+from .models import RevVideoNet, create_rev_mvit
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["rev_mvit_b_16x4", "rev_mvit_video_test", "load_video_checkpoint", "read_checkpoint",
+           "convert_to_video_state_dict"]
+
+# Official REV_MVIT_B_16x4_CONV (SlowFast configs/Kinetics), = revvit_d2 "rev_mvit_b_16x4".
+_REV_MVIT_B_16X4 = dict(
+    spatial_size=224, temporal_size=16, patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4),
+    patch_padding=(1, 3, 3), sep_pos_embed=True, embed_dim=96, depth=16, num_heads=1,
+    mlp_ratio=4.0, qkv_bias=False, dim_mul=((1, 2.0), (3, 2.0), (14, 2.0)),
+    head_mul=((1, 2.0), (3, 2.0), (14, 2.0)),
+    pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2), (14, 1, 2, 2)), pool_kvq_kernel=(3, 3, 3),
+    pool_kv_stride_adaptive=(1, 8, 8), transition_layers=(1, 3, 14), pre_q_fusion="avg",
+    drop_path_rate=0.05, head_num_classes=400, head_dropout_rate=0.5,
+)
+# Tiny model of the oracle file's shape (= revvit_d2 "rev_mvit_video_test"): 4 x 64 x 64 input.
+_REV_MVIT_VIDEO_TEST = dict(
+    _REV_MVIT_B_16X4, spatial_size=64, temporal_size=4, embed_dim=16, depth=5,
+    dim_mul=((1, 2.0), (3, 2.0)), head_mul=((1, 2.0), (3, 2.0)),
+    pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2)), pool_kv_stride_adaptive=(1, 4, 4),
+    transition_layers=(1, 3), drop_path_rate=0.0, head_num_classes=10, head_dropout_rate=0.0,
+)
+
+
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+    """``torch.load`` on the CPU, with ``weights_only=True`` first (a SlowFast file holds only
+    tensors, numbers and its YAML string); other pickles are loaded only after a warning."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        logger.warning("%s holds non-tensor Python objects; loading it with weights_only=False "
+                       "(only do this with files you trust)", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _is_video_format(sd: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("trunk.", "module.trunk.")) for k in sd)
+
+
+def convert_to_video_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Any accepted checkpoint (see the module docstring) -> :class:`RevVideoNet` names.
+
+    Official / revvit_d2 names map as ``<key>`` -> ``trunk.<key>`` and ``head.{weight,bias}``
+    (after ``head.projection.`` -> ``head.``) -> ``head.proj.{weight,bias}``.
+    """
+    sd = unwrap_checkpoint(checkpoint)
+    if _is_video_format(sd):
+        return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    out = {}
+    for key, value in convert_state_dict(checkpoint).items():
+        if key in ("head.weight", "head.bias"):
+            out["head.proj." + key.split(".", 1)[1]] = value
+        else:
+            out["trunk." + key] = value
+    return out
+
+
+def load_video_checkpoint(model: RevVideoNet, checkpoint, load_head: bool = True) -> Dict[str, Any]:
+    """Load a checkpoint into a :class:`RevVideoNet`, strictly.
+
+    Args:
+        model: the model (its trunk a ``RevMViT``).
+        checkpoint: a path or an already loaded dict (official ``.pyth``, revvit_d2 or
+            revvit_video format).
+        load_head: False keeps the model's own head (fine-tuning to other classes); the
+            checkpoint's head is then ignored.
+
+    Returns:
+        the trunk's load report (see :func:`revvit_d2.load_pretrained`) plus ``head``: the head
+        keys loaded.
+    """
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        checkpoint = read_checkpoint(checkpoint)
+    sd = convert_to_video_state_dict(checkpoint)
+    trunk_sd = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
+    head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
+    other = sorted(k for k in sd if not k.startswith(("trunk.", "head.")))
+    if other:
+        raise CheckpointMismatchError([], other)
+    # The trunk goes through revvit_d2's strict loader (position-embedding resizing included).
+    report = load_pretrained(model.trunk, trunk_sd, fmt="revvit")
+    report["head"] = []
+    if load_head and model.head is not None:
+        own = {k: v for k, v in model.head.state_dict().items()}
+        missing = sorted(set(own) - set(head_sd))
+        unexpected = sorted(set(head_sd) - set(own))
+        mismatched = [(k, v.shape, own[k].shape) for k, v in head_sd.items()
+                      if k in own and v.shape != own[k].shape]
+        if missing or unexpected or mismatched:
+            raise CheckpointMismatchError([f"head.{k}" for k in missing],
+                                          [f"head.{k}" for k in unexpected],
+                                          [(f"head.{k}", a, b) for k, a, b in mismatched])
+        model.head.load_state_dict(head_sd)
+        report["head"] = [f"head.{k}" for k in sorted(head_sd)]
+    elif load_head and head_sd:
+        raise CheckpointMismatchError([], [f"head.{k}" for k in sorted(head_sd)])
+    logger.info("loaded %d trunk and %d head tensors", len(report["loaded"]), len(report["head"]))
+    return report
+
+
+def _hub_model(name: str, defaults: Dict[str, Any], pretrained: bool, checkpoint, kwargs):
+    if isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"{name}: pass the checkpoint path as checkpoint=, not pretrained=")
+    if pretrained and checkpoint is None:
+        file = get_pretrained_cfg(name).get("checkpoint")
+        raise ValueError(
+            f"{name}(pretrained=True): weights cannot be downloaded in this environment; pass "
+            f"checkpoint=<path to {'the official ' + file if file else 'a checkpoint'}> "
+            f"(or pretrained=False for random weights)")
+    cfg = dict(defaults)
+    cfg.update(kwargs)
+    model = create_rev_mvit(**cfg)
+    pretrained_cfg = get_pretrained_cfg(name)
+    pretrained_cfg.update(num_frames=cfg["temporal_size"], num_classes=cfg["head_num_classes"],
+                          input_size=(3, cfg["temporal_size"], cfg["spatial_size"],
+                                      cfg["spatial_size"]))
+    model.pretrained_cfg = pretrained_cfg
+    if checkpoint is not None:
+        load_video_checkpoint(model, checkpoint)
+    return model
+
+
+def rev_mvit_b_16x4(pretrained: bool = False, checkpoint=None, **kwargs) -> nn.Module:
+    """Rev-MViT-B 16x4 for Kinetics-400 (official REV_MVIT_B_16x4_CONV: 78.4 / 93.4 top-1 / top-5
+    with 5 x 1 views; 34.96 M parameters; input (B, 3, 16, 224, 224); logits over 400 classes).
+
+    Args:
+        pretrained: True requires `checkpoint` (no download is possible here).
+        checkpoint: path or dict of ``REV_MVIT_B_16x4.pyth`` (or a converted / fine-tuned one),
+            loaded strictly.
+        **kwargs: :func:`~revvit_video.models.create_rev_mvit` arguments replacing the defaults
+            (e.g. ``head_num_classes``, ``drop_path_rate``, ``use_rev_backprop``).
+    """
+    return _hub_model("rev_mvit_b_16x4", _REV_MVIT_B_16X4, pretrained, checkpoint, kwargs)
+
+
+def rev_mvit_video_test(pretrained: bool = False, checkpoint=None, **kwargs) -> nn.Module:
+    """Tiny Rev-MViT (16 wide, 5 layers, transitions at 1 and 3; input (B, 3, 4, 64, 64), 10
+    classes): the structure of the official-code oracle file, used by the tests and the demo."""
+    return _hub_model("rev_mvit_video_test", _REV_MVIT_VIDEO_TEST, pretrained, checkpoint, kwargs)
