@@ -10,10 +10,9 @@ Both *are* the core model classes (multiple inheritance), so their parameter nam
 names (``blocks.3.F.attn.qkv.weight``) under the backbone's prefix, and official checkpoints load
 with one prefix (see :mod:`revvit_d2.d2.checkpoint`).
 """
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool as _LastLevelMaxPool
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid

@@ -9,7 +9,7 @@ official code: no config object, q/k/v always one fused Linear, eval returns log
 :meth:`RevMViT.forward_features` returns the per-stage features the official code does not have.
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as nnf
@@ -347,7 +347,7 @@ class RevMViT(nn.Module):
             raise ValueError(f"RevMViT expects {layout} input, got shape {tuple(x.shape)}")
         x, thw = self.patch_embed(x)  # (B, N, C)
         x = self.pos_drop(x + self._pos_embed(thw))
-        start = 0
+        start, x2c = 0, None
         for end in self.stage_ends:
             if start > 0:  # the transition that opens this stage: 2C -> C'
                 x, thw = self.blocks[start](x2c, thw)

@@ -8,7 +8,7 @@ too (the official head applies softmax in eval), q/k/v are one fused Linear, and
 is never re-seeded.
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
