@@ -54,7 +54,8 @@ def test_short_training_learns_and_resumes(tmp_path):
     assert (out / "model_0000039.pth").exists() and (out / "last_checkpoint").exists()
     losses = _metrics(out)
     assert losses[-1]["total_loss"] < losses[0]["total_loss"]
-    resumed = _run(common + ["train.max_iter=60", "--resume"], tmp_path)
+    # options come before the key=value overrides (detectron2's parser takes the rest as opts)
+    resumed = _run(["--resume"] + common + ["train.max_iter=60"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert "Starting training from iteration 40" in log
