@@ -56,3 +56,29 @@ def test_memory_vs_depth_child_failure_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "child failed" in lines[0] and "no_such_model" in lines[0], lines
     assert not (tmp_path / "m.json").exists()
+
+
+def test_memory_speed_harness_runs_on_cpu(tmp_path):
+    """CPU run of the GPU harness: speed rows for every side, no memory columns."""
+    out = tmp_path / "ms"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "memory_speed.py"), "--device", "cpu",
+           "--sizes", "s", "--depths", "2", "--img-size", "32", "--batch", "2", "--repeats", "1",
+           "--dtypes", "float32", "--parallel", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert set(rows[0]["images_per_s"]) == {"plain", "rev", "ckpt", "rev_parallel"}
+    assert all(v > 0 for v in rows[0]["images_per_s"].values())
+    assert "| vit_s@2 | float32 | rev |" in out.with_suffix(".md").read_text()
+
+
+def test_reconstruction_error_orders_precisions(tmp_path):
+    out = tmp_path / "re"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reconstruction_error.py"), "--depths", "6",
+           "--width", "64", "--heads", "2", "--tokens", "16", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["precision"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    err = {k: r["reconstruction_rel_err"] for k, r in rows.items()}
+    assert err["float64"] < 1e-12 < err["float32"] < 1e-5 < err["bfloat16-streams"]
+    assert all(r["input_grad_cosine"] > 0.999 for r in rows.values())
