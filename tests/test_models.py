@@ -155,3 +155,30 @@ def test_inconsistent_transition_layers_are_rejected():
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(KeyError, match="rev_vit_b"):
         revvit_d2.create_model("rev_vit_xl")
+
+
+def test_rev_vit_intermediate_block_features_keep_gradients_exact():
+    kw = dict(drop_path_rate=0.2, depth=6)
+    torch.manual_seed(0)
+    rev = revvit_d2.create_model("rev_vit_test", **kw)
+    torch.manual_seed(0)
+    plain = revvit_d2.create_model("rev_vit_test", use_rev_backprop=False, **kw)
+    x = torch.randn(2, 3, 64, 80)
+    outs = []
+    for m in (rev, plain):
+        m.train()
+        torch.manual_seed(3)
+        feats = m.forward_features(x, block_indices=(1, 3))
+        assert {k: tuple(v.shape) for k, v in feats.items()} == {
+            "block1": (2, 128, 4, 5), "block3": (2, 128, 4, 5), "last_feat": (2, 128, 4, 5)}
+        sum(f.pow(2).mean() for f in feats.values()).backward()
+        outs.append(feats)
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], atol=1e-6, rtol=1e-5)
+    for (n, a), (_, b) in zip(rev.named_parameters(), plain.named_parameters()):
+        if b.grad is None:
+            assert a.grad is None and n.startswith("head."), n
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=n)
+    with pytest.raises(ValueError, match="block_indices"):
+        rev.forward_features(x, block_indices=(6,))

@@ -8,9 +8,10 @@ too (the official head applies softmax in eval), q/k/v are one fused Linear, and
 is never re-seeded.
 """
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as nnf
 from torch import nn
 
 from .layers import (
@@ -141,27 +142,53 @@ class RevViT(nn.Module):
         # in docs/models.md); the stored parameter is never changed.
         return resize_pos_embed(self.pos_embed, self.patch_grid, grid, self.pos_embed_interp)
 
-    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
-        """(B, 3, H, W) -> tokens (B, N, 2C) of the two concatenated streams, and the grid."""
+    def _embed(self, x: torch.Tensor):
         H, W = x.shape[-2:]
         if x.ndim != 4 or H % self.patch_size or W % self.patch_size:
             raise ValueError(
                 f"RevViT expects (B, C, H, W) with H and W multiples of the patch size "
                 f"{self.patch_size}; got shape {tuple(x.shape)}")
         x, thw = self.patch_embed(x)  # (B, N, C)
-        x = self.pos_drop(x + self._pos_embed(thw[1:]))
-        y1, y2 = reversible_stack(self.blocks, x, x, thw, self.use_rev_backprop,
-                                  self.check_finite, self.block_names, self.act_checkpoint,
-                                  self.parallel_backward,
-                                  self.rev_anchor_every)
+        return self.pos_drop(x + self._pos_embed(thw[1:])), thw
+
+    def _run(self, x1, x2, thw, start: int, end: int):
+        return reversible_stack(self.blocks[start:end], x1, x2, thw, self.use_rev_backprop,
+                                self.check_finite, self.block_names[start:end],
+                                self.act_checkpoint, self.parallel_backward,
+                                self.rev_anchor_every)
+
+    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+        """(B, 3, H, W) -> tokens (B, N, 2C) of the two concatenated streams, and the grid."""
+        x, thw = self._embed(x)
+        y1, y2 = self._run(x, x, thw, 0, len(self.blocks))
         return self.stack_drop(torch.cat([y1, y2], dim=-1)), thw
 
-    def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor,
+                         block_indices: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {"last_feat": (B, num_features, H/16, W/16)}: normalised, fused
-        streams laid out NCHW at stride ``patch_size``."""
-        tokens, (_, h, w) = self.forward_tokens(x)
+        streams laid out NCHW at stride ``patch_size``.
+
+        ``block_indices``: also return ``"block{i}"`` (B, 2C, H/16, W/16), the two streams after
+        block i, normalised without affine parameters. The reversible run is split at those
+        blocks (each piece keeps the memory-saving backward).
+        """
+        x, (_, h, w) = self._embed(x)
+        thw = (1, h, w)
+        cuts = sorted({int(i) + 1 for i in block_indices} | {len(self.blocks)})
+        if cuts[0] < 1 or cuts[-1] > len(self.blocks):
+            raise ValueError(f"block_indices must lie in [0, {len(self.blocks) - 1}]")
+        feats, x1, x2, start = {}, x, x, 0
+        for end in cuts:
+            x1, x2 = self._run(x1, x2, thw, start, end)
+            if end - 1 in block_indices:
+                t = torch.cat([x1, x2], dim=-1)
+                t = nnf.layer_norm(t, t.shape[-1:], eps=1e-6)
+                feats[f"block{end - 1}"] = t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+            start = end
+        tokens = self.stack_drop(torch.cat([x1, x2], dim=-1))
         feat = self.fuse(self.norm(tokens))  # (B, N, num_features)
-        return {"last_feat": feat.transpose(1, 2).reshape(feat.shape[0], -1, h, w)}
+        feats["last_feat"] = feat.transpose(1, 2).reshape(feat.shape[0], -1, h, w)
+        return feats
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, 2C) -> logits (B, classes) (or pooled features if num_classes == 0)."""
