@@ -274,3 +274,16 @@ def test_tool_error_checkpoint_of_another_model(tiny_folder, tmp_path):
 def test_tool_error_unknown_config_key(tiny_folder):
     proc = run_tool(f"eval.data={tiny_folder / 'val'}", "eval.batchsize=4")
     assert_one_line_error(proc, "unknown config key 'eval.batchsize'", "batch_size")
+
+
+@pytest.mark.parametrize("name,model_name", [("rev_vit_test_eval.py", "rev_vit_test"),
+                                             ("rev_vit_s_eval.py", "rev_vit_s"),
+                                             ("rev_vit_b_eval.py", "rev_vit_b")])
+def test_every_imagenet_config_loads_and_builds(name, model_name):
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(str(Path(__file__).resolve().parents[1] / "configs" / "ImageNet" / name))
+    assert cfg.model.name == model_name and "data" in cfg.eval and "checkpoint" in cfg.eval
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert model.pretrained_cfg["num_classes"] == model.head.out_features

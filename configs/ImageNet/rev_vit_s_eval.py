@@ -1,24 +1,10 @@
 """Rev-ViT-S (official REV_VIT_S, 79.9 % top-1) on ImageNet-1k val, single 224 centre crop.
 
-Expects ``$REVVIT_DATASETS/imagenet/val/<wnid>/*.JPEG`` (``REVVIT_DATASETS`` defaults to
-``./datasets``) and the official SlowFast checkpoint ``REV_VIT_S.pyth`` in the current
-directory; override with ``eval.data=...`` / ``eval.checkpoint=...`` (or ``--checkpoint``).
+Same as rev_vit_b_eval.py with the S model and checkpoint: expects
+``$REVVIT_DATASETS/imagenet/val/<wnid>/*.JPEG`` and ``REV_VIT_S.pyth`` in the current directory;
+override with ``eval.data=...`` / ``eval.checkpoint=...`` (or ``--checkpoint``).
 """
-import os
+from .rev_vit_b_eval import eval, model  # noqa: F401  (LazyConfig exports)
 
-from detectron2.config import LazyCall as L
-
-from revvit_d2 import create_model
-
-_DATASETS = os.environ.get("REVVIT_DATASETS", "datasets")
-
-model = L(create_model)(name="rev_vit_s")
-
-eval = dict(
-    data=os.path.join(_DATASETS, "imagenet", "val"),
-    checkpoint="REV_VIT_S.pyth",
-    batch_size=64,
-    num_workers=8,
-    max_images=None,
-    log_period=50,
-)
+model.name = "rev_vit_s"
+eval.checkpoint = "REV_VIT_S.pyth"
