@@ -14,6 +14,7 @@ from conftest import load_oracle
 @pytest.mark.parametrize("name,params", [
     ("rev_vit_s", 22_434_664),
     ("rev_vit_b", 87_335_656),
+    ("rev_vit_l", 305_350_632),  # no official config: 1024 wide, 24 blocks, 16 heads
     ("rev_mvit_b", 39_689_320),
     ("rev_mvit_b_16x4", 34_963_120),
 ])
