@@ -56,37 +56,28 @@ Examples::
 """
 import argparse
 import ast
-import datetime
 import json
 import os
-import platform
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from peak_rss import (MALLOC_ENV, ROOT, command_line, dispatch, machine_info, maxrss_kib,
+                      measure_in_child)
+
 MODES = ("reversible", "plain", "checkpoint")
 MODE_KWARGS = {
     "reversible": dict(use_rev_backprop=True),
     "plain": dict(use_rev_backprop=False),
     "checkpoint": dict(use_rev_backprop=False, act_checkpoint=True),
 }
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 NUM_CLASSES = 10
 
 
 # --------------------------------------------------------------------------------------------
 # child: one measurement
 # --------------------------------------------------------------------------------------------
-
-def _maxrss_kib() -> int:
-    # Linux reports ru_maxrss in KiB (macOS in bytes; this benchmark targets Linux).
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
 
 def _model_kwargs(args, depth: int, mode: str) -> dict:
     """create_model overrides for one measurement (img_size only when it differs)."""
@@ -119,7 +110,7 @@ def run_child(args) -> dict:
     torch.set_num_threads(args.threads)
     import revvit_d2
 
-    after_import = _maxrss_kib()
+    after_import = maxrss_kib()
     torch.manual_seed(0)
     kwargs = _model_kwargs(args, args.depth, args.mode)
     model = revvit_d2.create_model(args.model, **kwargs)
@@ -127,7 +118,7 @@ def run_child(args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     target = torch.randint(0, NUM_CLASSES, (args.batch,))
-    after_build = _maxrss_kib()
+    after_build = maxrss_kib()
 
     peaks, times = [], []
     for _ in range(args.steps):
@@ -137,7 +128,7 @@ def run_child(args) -> dict:
         loss.backward()
         del loss
         times.append(time.perf_counter() - t0)
-        peaks.append(_maxrss_kib())
+        peaks.append(maxrss_kib())
     return dict(
         mode=args.mode, depth=args.depth, batch=args.batch, model=args.model,
         model_kwargs={k: v for k, v in kwargs.items()}, n_params=n_params,
@@ -164,55 +155,8 @@ def _child_argv(args, mode, depth, batch):
 
 
 def measure(args, mode, depth, batch) -> dict:
-    env = dict(os.environ)
-    env.update(MALLOC_ENV)
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env["MKL_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.run(_child_argv(args, mode, depth, batch), env=env, cwd=str(ROOT),
-                          capture_output=True, text=True)
-    tag = f"mode={mode} depth={depth} batch={batch}"
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
-        sys.exit(f"memory_vs_depth: child failed ({tag}): {last}")
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        sys.exit(f"memory_vs_depth: child printed no result ({tag})")
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_kib = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                       if ln.startswith("MemTotal"))
-    except (OSError, StopIteration):
-        mem_kib = None
-    return dict(
-        cpu=cpu, cores=os.cpu_count(), load_average_1_5_15=[round(v, 2) for v in os.getloadavg()],
-        mem_total_gib=round(mem_kib / 2**20, 1) if mem_kib else None,
-        platform=platform.platform(), python=platform.python_version(),
-        torch=torch.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-
-
-def _command_line(argv) -> str:
-    script = Path(__file__).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return " ".join(["python", shlex.quote(str(script))] + [shlex.quote(a) for a in argv])
+    return measure_in_child(_child_argv(args, mode, depth, batch), args.threads,
+                            "memory_vs_depth", f"mode={mode} depth={depth} batch={batch}")
 
 
 def _peak(raw, mode, depth, batch, repeat=None):
@@ -365,7 +309,7 @@ def run_parent(args, argv):
                                            for v in by_repeat[m].values())
     info = machine_info()
     info["load_average_1min_at_start"] = load_start
-    command = _command_line(argv)
+    command = command_line(__file__, argv)
     settings = dict(
         model=args.model, width=args.width, heads=args.heads, img_size=args.img_size,
         depths=depths, modes=list(args.modes), batch_sizes=[b1, b2], threads=args.threads,
@@ -425,12 +369,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.child:
-        print(json.dumps(run_child(args)), flush=True)
-        return 0
-    return run_parent(args, argv)
+    return dispatch(argv, parse_args, run_child, run_parent)
 
 
 if __name__ == "__main__":
