@@ -24,7 +24,7 @@ from .layers import (
     init_official_weights,
     resize_pos_embed,
 )
-from .reversible import ReversibleBlock, drop_path_mask, reversible_stack
+from .reversible import ReversibleBlock, compile_subblocks, drop_path_mask, reversible_stack
 
 __all__ = ["RevMViT", "StageTransitionBlock", "round_width", "mvit_pooling_schedule"]
 
@@ -163,7 +163,7 @@ class RevMViT(nn.Module):
         pre_q_fusion (str): stream merge at the transitions ("avg", "concat_linear_2", ...).
         sep_pos_embed (bool): separable (spatial + temporal) position embedding.
         drop_path_rate, dropout_rate, head_dropout_rate, num_classes, fuse, use_rev_backprop,
-        act_checkpoint, parallel_backward, rev_anchor_every, check_finite: as in
+        act_checkpoint, parallel_backward, rev_anchor_every, check_finite, compile_blocks: as in
             :class:`~revvit_d2.modeling.rev_vit.RevViT`.
         out_features (sequence): feature levels (``scale2``..``scale5``) that get a learned
             LayerNorm in :meth:`forward_features` (the Detectron2 backbone sets them); other
@@ -201,6 +201,7 @@ class RevMViT(nn.Module):
         parallel_backward=False,
         rev_anchor_every=0,
         check_finite=False,
+        compile_blocks=False,
         out_features=(),
     ):
         super().__init__()
@@ -297,6 +298,8 @@ class RevMViT(nn.Module):
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_official_weights)
+        if compile_blocks:  # the reversible blocks' F and G; transitions stay eager
+            compile_subblocks(self)
 
     @staticmethod
     def _stem_grid(size, kernel, stride, padding) -> Tuple[int, int, int]:

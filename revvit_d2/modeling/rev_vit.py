@@ -22,7 +22,7 @@ from .layers import (
     init_official_weights,
     resize_pos_embed,
 )
-from .reversible import ReversibleBlock, reversible_stack
+from .reversible import ReversibleBlock, compile_subblocks, reversible_stack
 
 __all__ = ["RevViT"]
 
@@ -59,6 +59,10 @@ class RevViT(nn.Module):
         rev_anchor_every (int): store the streams every k blocks (bounds the accumulation of
             inversion error; one stored pair per k blocks).
         check_finite (bool): raise naming the first block whose output is not finite.
+        compile_blocks (bool): ``torch.compile`` (default backend) the attention and MLP
+            sub-blocks of every reversible block (:func:`~revvit_d2.modeling.reversible.
+            compile_subblocks`); the reversible engine itself stays eager. Compiles lazily, on
+            the first forward.
         pos_embed_interp (str): interpolation used when the input grid differs from the
             training grid ("bicubic").
         window_size (int): if > 0, blocks not in ``global_block_indexes`` attend within windows
@@ -86,6 +90,7 @@ class RevViT(nn.Module):
         parallel_backward=False,
         rev_anchor_every=0,
         check_finite=False,
+        compile_blocks=False,
         pos_embed_interp="bicubic",
         window_size=0,
         global_block_indexes=(),
@@ -132,6 +137,8 @@ class RevViT(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_official_weights)
+        if compile_blocks:
+            compile_subblocks(self)
 
     @property
     def block_names(self) -> List[str]:

@@ -36,7 +36,8 @@ import torch.func
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["ReversibleBlock", "RevBackProp", "reversible_stack", "drop_path_mask"]
+__all__ = ["ReversibleBlock", "RevBackProp", "reversible_stack", "drop_path_mask",
+           "compile_subblocks"]
 
 
 def drop_path_mask(x: torch.Tensor, drop_prob: float, training: bool) -> Optional[torch.Tensor]:
@@ -125,6 +126,41 @@ class ReversibleBlock(nn.Module):
         y1 = x1 + _apply_mask(self.F(x2, thw), mask)
         y2 = x2 + _apply_mask(self.G(y1), mask)
         return y1, y2
+
+
+def compile_subblocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` the F and G of every :class:`ReversibleBlock` inside ``model``, in place.
+
+    Only the sub-functions are compiled, never the engine: the reversible backward is an
+    autograd Function whose backward calls ``torch.autograd.grad`` on locally recomputed graphs,
+    which Dynamo cannot trace (it would break the graph around the whole stack). F and G are
+    compiled with ``nn.Module.compile``, which keeps parameter names and the module tree as
+    they are, so checkpoints, ``named_parameters`` and the engine's
+    ``torch.func.functional_call`` on detached parameter aliases work unchanged. Dynamo treats
+    the parameters as graph inputs, so the aliases and every block of the same shape reuse one
+    compiled graph; one graph is built per (grad mode, autocast, training flag, shapes) seen:
+    the forward runs F and G without grad, the backward recomputes them with grad.
+
+    All blocks share one code object per sub-block class, so Dynamo's per-code recompile limit
+    (default 8) is shared by every stage of a multi-stage model (Rev-MViT: 4 widths times those
+    modes); past it Dynamo silently falls back to eager. The process-wide limits are therefore
+    raised to 8 graphs per compiled sub-block (they only cap, they allocate nothing).
+
+    ``compile_kwargs`` go to ``torch.compile`` (e.g. ``backend="aot_eager"``, ``mode=...``).
+    Returns ``model``.
+    """
+    import torch._dynamo
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, ReversibleBlock):
+            m.F.compile(**compile_kwargs)
+            m.G.compile(**compile_kwargs)
+            count += 1
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 8 * count)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * count)
+    return model
 
 
 def _check_finite(t: torch.Tensor, index: int, names: Optional[Sequence[str]]):
