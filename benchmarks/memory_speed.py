@@ -12,10 +12,15 @@ both sides alike.
 Both sides use ``scaled_dot_product_attention``: the plain baselines are timm ViTs (fused
 attention) and our models with ``use_rev_backprop=False``.
 
+Every run writes ``OUT.json``, ``OUT.md`` and a plot ``OUT.png`` (step time relative to the plain
+model per side; with CUDA numbers also memory per image and the largest batch).
+``--plot-only OUT.json`` redraws the plot from a saved JSON without measuring anything.
+
 Example (GPU, the acceptance run):
 
     python benchmarks/memory_speed.py --device cuda --dtypes float32 bfloat16 \
         --out docs/memory_speed_gpu
+    python benchmarks/memory_speed.py --plot-only docs/memory_speed_cpu.json
 """
 import argparse
 import json
@@ -175,6 +180,10 @@ def measure(label, models, args, dtype, device):
     return row
 
 
+def _reference(sides):
+    return "plain" if "plain" in sides else "revmvit_plain"
+
+
 def write(rows, info, args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
@@ -188,7 +197,7 @@ def write(rows, info, args):
                                           rows[0] else "")]
     for r in rows:
         sides = list(r["images_per_s"])
-        ref = "plain" if "plain" in sides else "revmvit_plain"
+        ref = _reference(sides)
         for k in sides:
             t_ratio = r["images_per_s"][ref] / r["images_per_s"][k]
             line = (f"| {r['model']} | {r['dtype']} | {k} | {r['images_per_s'][k]:.1f} "
@@ -199,9 +208,56 @@ def write(rows, info, args):
                          f" {r.get('largest_batch', {}).get(k, '')} |")
             lines.append(line)
     lines += ["", "Time ratio > 1: a step is that many times slower than the plain model's at "
-              "the same batch. Memory is per image (difference of two batch sizes)."]
+              "the same batch. Memory is per image (difference of two batch sizes).",
+              "", f"Plot: [{os.path.basename(args.out)}.png]({os.path.basename(args.out)}.png)."]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def plot(data, path):
+    """Grouped bars, one group per (model, dtype) row, one bar per side: step time relative to
+    the plain model, then (CUDA runs) MiB per image and the largest batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    panels = [("images_per_s", "step time / plain's (lower is faster)")]
+    if rows and "mib_per_image" in rows[0]:
+        panels.append(("mib_per_image", "MiB per image"))
+    if rows and "largest_batch" in rows[0]:
+        panels.append(("largest_batch", "largest batch"))
+    sides = list(dict.fromkeys(k for r in rows for k in r["images_per_s"]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.3 * len(rows) + 2),
+                                                       3.2 * len(panels)), squeeze=False)
+    width = 0.8 / max(1, len(sides))
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        for j, side in enumerate(sides):
+            xs, ys = [], []
+            for i, r in enumerate(rows):
+                if side not in r.get(key, {}):
+                    continue
+                v = r[key][side]
+                if key == "images_per_s":  # time ratio: plain images/s over this side's
+                    v = r[key][_reference(r[key])] / v
+                xs.append(i + (j - (len(sides) - 1) / 2) * width)
+                ys.append(v)
+            ax.bar(xs, ys, width, label=side)
+        if key == "images_per_s":
+            ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([f"{r['model']}\n{r['dtype']}, batch {r['batch']}" for r in rows])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize="small", ncol=len(sides))
+    info = data["machine"]
+    fig.suptitle(f"{info.get('gpu', info['cpu'])}, torch {info['torch']}, {info['date'][:10]}",
+                 fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -219,13 +275,23 @@ def main(argv=None):
     p.add_argument("--parallel", action="store_true", help="add the parallel reversible backward")
     p.add_argument("--mvit", action="store_true", help="add Rev-MViT-B vs plain autograd")
     p.add_argument("--out", default="docs/memory_speed")
+    p.add_argument("--plot-only", metavar="JSON",
+                   help="only redraw the plot of a saved run (written next to it as .png)")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            data = json.load(f)
+        png = os.path.splitext(args.plot_only)[0] + ".png"
+        plot(data, png)
+        print(f"wrote {png}")
+        return
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     info = machine(torch.device(args.device))
     rows = run(args)
     write(rows, info, args)
-    print(f"wrote {args.out}.md and {args.out}.json")
+    plot({"machine": info, "rows": rows}, args.out + ".png")
+    print(f"wrote {args.out}.md, {args.out}.json and {args.out}.png")
 
 
 if __name__ == "__main__":
