@@ -11,8 +11,15 @@ Example (8 GPUs, official ImageNet checkpoint converted on the fly):
     python tools/train_net.py --config-file configs/COCO/mask_rcnn_revvit_b_100ep.py \
         --num-gpus 8 train.init_checkpoint=REV_VIT_B.pyth
 
-Expected errors (a missing file or dataset, an unknown config key, a config that cannot be built,
-a checkpoint of another model) print one ``error:`` line on stderr and exit with status 1.
+Resume: ``--resume`` continues from ``<train.output_dir>/last_checkpoint`` with the same data
+order, augmentations and drop-path masks as an uninterrupted run (the losses of the following
+iterations are bit-identical on the CPU; see docs/reliability.md). ``train.seed`` (default -1:
+a random seed, saved in the checkpoints) seeds everything; ``train.deterministic=True`` also
+selects deterministic CUDA kernels. ``dataloader.evaluator=null`` skips the final evaluation.
+
+Expected errors (a missing file or dataset, an empty dataset, an unknown config key, a config that
+cannot be built, a checkpoint of another model) print one ``error:`` line on stderr and exit with
+status 1 before any checkpoint or metrics file is written.
 """
 import logging
 import os
@@ -24,23 +31,50 @@ import torch
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"detectron2\..*")
+warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
+# default_setup's environment report imports it; "no CUDA runtime" is no news on a CPU machine.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
+from detectron2.data import DatasetCatalog, build_detection_train_loader  # noqa: E402
 from detectron2.engine import (  # noqa: E402
     AMPTrainer,
     SimpleTrainer,
     default_argument_parser,
     default_setup,
-    default_writers,
     hooks,
     launch,
 )
 from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.events import (  # noqa: E402
+    CommonMetricPrinter,
+    JSONWriter,
+    TensorboardXWriter,
+)
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import revvit_d2.data.coco_synthetic as coco_synthetic  # noqa: E402  (registers the datasets)
 from revvit_d2.d2 import RevvitCheckpointer  # noqa: E402
+from revvit_d2.d2.checkpoint import (  # noqa: E402
+    check_start_checkpoint,
+    last_checkpoint_file,
+)
+from revvit_d2.d2.determinism import (  # noqa: E402
+    ReseedHook,
+    SeedState,
+    add_seed_keys,
+    resolve_seed,
+    saved_run_state,
+    set_deterministic,
+)
+from revvit_d2.d2.lazyconfig import (  # noqa: E402
+    ConfigError,
+    apply_overrides_strict,
+    load_lazy_config,
+)
+from revvit_d2.d2.sampler import build_resumable_train_loader  # noqa: E402
 
 logger = logging.getLogger("revvit.train_net")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/COCO/mask_rcnn_revvit_synthetic.py"
@@ -51,7 +85,7 @@ class ToolError(Exception):
 
 
 def do_test(cfg, model):
-    if "evaluator" not in cfg.dataloader:
+    if cfg.dataloader.get("evaluator") is None:
         return {}
     results = inference_on_dataset(
         model, build(cfg.dataloader.test, "the test data loader"),
@@ -67,6 +101,13 @@ def _select_device(cfg):
         cfg.train.device = "cpu"
 
 
+def _ddp(cfg, model, **kwargs):
+    # detectron2 passes device_ids=[local rank], which DDP refuses for a CPU module (gloo).
+    if not cfg.train.device.startswith("cuda"):
+        kwargs.setdefault("device_ids", None)
+    return create_ddp_model(model, **kwargs)
+
+
 def _build_trainer(cfg, model, train_loader, optimizer):
     if cfg.train.amp.enabled:
         if cfg.train.device.startswith("cuda"):
@@ -78,46 +119,92 @@ def _build_trainer(cfg, model, train_loader, optimizer):
     return SimpleTrainer(model, train_loader, optimizer)
 
 
+def _resume_point(cfg, args):
+    """(checkpoint to resume from or None, seed of the run, first iteration)."""
+    path = last_checkpoint_file(cfg.train.output_dir) if args.resume else None
+    saved_seed, saved_iter = None, -1
+    if path is not None:
+        try:
+            saved_seed, saved_iter = saved_run_state(path)
+        except Exception as e:  # noqa: BLE001 - a damaged file is the user's to fix
+            raise ToolError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+        if saved_iter is None:
+            raise ToolError(f"cannot resume from {path}: no 'iteration' in it (not a training "
+                            f"checkpoint)")
+    return path, resolve_seed(cfg.train.seed, saved_seed), saved_iter + 1
+
+
+def _resumable(loader_cfg, seed: int, start_iter: int):
+    """Swap detectron2's train loader for the resumable one (same arguments, plus the seed and
+    the first iteration), unless the config chose its own sampler or loader."""
+    if loader_cfg.get("_target_") is build_detection_train_loader and \
+            loader_cfg.get("sampler") is None:
+        loader_cfg._target_ = build_resumable_train_loader
+        loader_cfg.pop("sampler", None)
+        loader_cfg.seed, loader_cfg.start_iter = seed, start_iter
+    else:
+        logger.warning("dataloader.train is not detectron2's build_detection_train_loader without "
+                       "a sampler: --resume restarts its data order")
+    return loader_cfg
+
+
 def do_train(args, cfg):
+    resume_from, seed, start_iter = _resume_point(cfg, args)
     model = build(cfg.model, "the model")
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = build(cfg.dataloader.train, "the training data loader")
+    train_loader = build(_resumable(cfg.dataloader.train, seed, start_iter),
+                         "the training data loader")
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = _ddp(cfg, model, **cfg.train.ddp)
     trainer = _build_trainer(cfg, model, train_loader, optimizer)
-    checkpointer = RevvitCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = RevvitCheckpointer(model, cfg.train.output_dir, trainer=trainer,
+                                      seed=SeedState(seed))
     trainer.register_hooks([
+        ReseedHook(seed),
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
         if comm.is_main_process() else None,
         hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                             period=cfg.train.log_period) if comm.is_main_process() else None,
     ])
-
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    # Load before the writers open metrics.json: a checkpoint that does not fit leaves no file.
+    checkpointer.resume_or_load(resume_from or cfg.train.init_checkpoint,
+                                resume=resume_from is not None)
+    if resume_from is not None and trainer.iter + 1 != start_iter:
+        raise ToolError(f"{resume_from} holds trainer iteration {trainer.iter}, not "
+                        f"{start_iter - 1}")
+    if comm.is_main_process():
+        trainer.register_hooks([hooks.PeriodicWriter(
+            _writers(cfg.train.output_dir, cfg.train.max_iter, cfg.train.log_period),
+            period=cfg.train.log_period)])
     trainer.train(start_iter, cfg.train.max_iter)
     skipped = coco_synthetic.num_skipped()
     if skipped:
         logger.warning("%d training image(s) could not be read and were skipped", skipped)
 
 
+def _writers(output_dir, max_iter, log_period):
+    # detectron2's default_writers, but each metrics.json line holds the medians over its own
+    # log period instead of a fixed 20-iteration window that overlaps the previous lines: the
+    # lines a resumed run writes equal those of an uninterrupted run, and log_period=1 records
+    # the raw per-iteration losses.
+    return [CommonMetricPrinter(max_iter),
+            JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=log_period),
+            TensorboardXWriter(output_dir)]
+
+
 def _load_config(args):
-    path = args.config_file or str(DEFAULT_CONFIG)
-    if not os.path.isfile(path):
-        raise ToolError(f"config file not found: {path}")
-    cfg = LazyConfig.load(path)
     try:
-        cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    except (KeyError, AttributeError, ValueError) as e:
-        raise ToolError(f"bad override {args.opts}: {e}") from None
-    return cfg
+        cfg = load_lazy_config(args.config_file or str(DEFAULT_CONFIG),
+                               ("model", "dataloader", "optimizer", "lr_multiplier", "train"))
+        add_seed_keys(cfg.train)
+        return apply_overrides_strict(cfg, args.opts)
+    except ConfigError as e:
+        raise ToolError(str(e)) from None
 
 
 def _dataset_names(cfg):
@@ -137,10 +224,16 @@ def _register_builtin_datasets(cfg):
 
 
 def _check_inputs(cfg, args):
-    ckpt = cfg.train.init_checkpoint
-    if ckpt and "://" not in ckpt and not os.path.isfile(ckpt) and not (
-            args.resume and os.path.isfile(os.path.join(cfg.train.output_dir, "last_checkpoint"))):
-        raise ToolError(f"train.init_checkpoint not found: {ckpt}")
+    """The cheap checks, before default_setup writes anything into train.output_dir."""
+    try:
+        check_start_checkpoint(cfg.train.output_dir, cfg.train.init_checkpoint, args.resume)
+    except FileNotFoundError as e:
+        raise ToolError(str(e)) from None
+    _register_builtin_datasets(cfg)
+    unknown = [n for n in _dataset_names(cfg) if n not in DatasetCatalog.list()]
+    if unknown:
+        raise ToolError(f"dataset(s) not registered in detectron2's DatasetCatalog: "
+                        f"{', '.join(unknown)}")
 
 
 def main(args):
@@ -148,11 +241,13 @@ def main(args):
     _select_device(cfg)
     _check_inputs(cfg, args)
     default_setup(cfg, args)
-    _register_builtin_datasets(cfg)
+    for name in ("revvit", "revvit_d2"):  # this tool's and the checkpoint loader's reports
+        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
+    set_deterministic(bool(cfg.train.deterministic))
     if args.eval_only:
         model = build(cfg.model, "the model")
         model.to(cfg.train.device)
-        model = create_ddp_model(model)
+        model = _ddp(cfg, model)
         RevvitCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)  # the EvalHook evaluates after the last iteration

@@ -10,12 +10,14 @@ were not. Detector checkpoints (``model_final.pth``) load as usual.
 
 ``save`` writes to a temporary file in the same directory and renames it over the target, and
 ``last_checkpoint`` is updated the same way, so a kill during a save never leaves a truncated
-"last" checkpoint.
+"last" checkpoint (the temporary file of a killed save is removed by the next save).
 """
+import contextlib
+import glob
 import logging
 import os
 import tempfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -25,7 +27,8 @@ from ..checkpoint import CheckpointMismatchError, adapt_pos_embed, convert_state
 from ..modeling.rev_mvit import RevMViT
 from ..modeling.rev_vit import RevViT
 
-__all__ = ["AtomicSaveMixin", "RevvitCheckpointer", "find_reversible_core", "atomic_torch_save"]
+__all__ = ["AtomicSaveMixin", "RevvitCheckpointer", "find_reversible_core", "atomic_torch_save",
+           "check_start_checkpoint", "last_checkpoint_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,34 @@ def atomic_torch_save(obj, path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def last_checkpoint_file(save_dir: str) -> Optional[str]:
+    """The file named by ``<save_dir>/last_checkpoint`` (what ``--resume`` loads), or None when
+    there is no such tag. Raises FileNotFoundError when the tag names a missing file."""
+    tag = os.path.join(save_dir, "last_checkpoint")
+    if not os.path.isfile(tag):
+        return None
+    with open(tag) as f:
+        name = f.read().strip()
+    path = os.path.join(save_dir, name)
+    if not name or not os.path.isfile(path):
+        raise FileNotFoundError(f"{tag} names {name!r}, which is not a file in {save_dir}")
+    return path
+
+
+def check_start_checkpoint(save_dir: str, init_checkpoint, resume: bool) -> None:
+    """Raise FileNotFoundError (a one-line message) when the checkpoint a training tool will
+    start from does not exist: the one ``last_checkpoint`` names when resuming, else
+    ``train.init_checkpoint`` (a URL is left to the loader)."""
+    try:
+        if resume and last_checkpoint_file(save_dir) is not None:
+            return
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot resume: {e}") from None
+    init = os.path.expanduser(str(init_checkpoint or ""))
+    if init and "://" not in init and not os.path.isfile(init):
+        raise FileNotFoundError(f"train.init_checkpoint not found: {init_checkpoint}")
 
 
 def _read(path: str):
@@ -87,6 +118,11 @@ class AtomicSaveMixin:
         self.logger.info("Saving checkpoint to %s", save_file)
         atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)
+        # Temporary files of a save that was killed (SIGKILL runs no cleanup); one process
+        # saves into a directory, so any other one is stale.
+        for stale in glob.glob(os.path.join(self.save_dir, ".tmp_*")):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.save_dir, prefix=".tmp_last_")
