@@ -38,6 +38,8 @@ def _quiet_warnings():
     # the filters of this interpreter.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # default_setup's environment report imports it; "no CUDA runtime" is no news on a CPU.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     quiet = "ignore::FutureWarning:torch.jit._script"
     current = os.environ.get("PYTHONWARNINGS", "")
     if quiet not in current.split(","):
@@ -62,45 +64,19 @@ def build_parser():
 # Config and data checks (run once, before any process is launched)
 # ------------------------------------------------------------------------------------------
 def load_config(args):
-    from detectron2.config import LazyConfig
-    from omegaconf import OmegaConf
+    from revvit_d2.d2.determinism import add_seed_keys
+    from revvit_d2.d2.lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
 
     path = args.config_file or DEFAULT_CONFIG
     if not os.path.isfile(path) and not os.path.isabs(path) and (REPO_ROOT / path).is_file():
         path = str(REPO_ROOT / path)
-    if not os.path.isfile(path):
-        raise ToolError(f"config file not found: {path}")
     try:
-        cfg = LazyConfig.load(path)
-    except Exception as e:  # a broken config file is a user error, not a bug of this tool
-        raise ToolError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
-    for section in ("model", "dataloader", "optimizer", "lr_multiplier", "train"):
-        if section not in cfg:
-            raise ToolError(f"config {path} defines no '{section}'")
-    overrides = []
-    for opt in args.opts or []:
-        if "=" not in opt or opt.startswith("-"):
-            raise ToolError(f"cannot parse override {opt!r}: expected key=value (options such as "
-                            f"--eval-only go before the key=value overrides)")
-        key = opt.split("=", 1)[0].strip()
-        if key.startswith(("+", "~")):
-            raise ToolError(f"override {opt!r}: adding or deleting keys is not supported")
-        if key.count(".") == 1 and key.split(".")[0] == "model":
-            pass  # model.<argument>=... may set any argument of the model builder
-        elif OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            parent = key.rsplit(".", 1)[0] if "." in key else None
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            known = ""
-            if OmegaConf.is_dict(node):
-                known = f" (known keys of '{parent or '<root>'}': {', '.join(sorted(node))})"
-            raise ToolError(f"unknown config key '{key}'{known}")
-        overrides.append(opt)
-    try:
-        cfg = LazyConfig.apply_overrides(cfg, overrides)
-    except Exception as e:
-        raise ToolError(f"cannot apply overrides {overrides}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return cfg, path
+        cfg = load_lazy_config(path, ("model", "dataloader", "optimizer", "lr_multiplier",
+                                      "train"))
+        add_seed_keys(cfg.train)
+        return apply_overrides_strict(cfg, args.opts), path
+    except ConfigError as e:
+        raise ToolError(str(e)) from None
 
 
 def prepare_data(cfg, eval_only: bool):
@@ -145,8 +121,11 @@ def setup(args):
 
     import torch
 
+    from revvit_d2.d2.determinism import set_deterministic
+
     cfg, _ = load_config(args)
     default_setup(cfg, args)
+    set_deterministic(bool(cfg.train.deterministic))
     threads = cfg.train.get("num_threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -260,6 +239,8 @@ def do_train(args, cfg, device):
     from detectron2.engine import create_ddp_model, hooks
     from detectron2.utils import comm
     from detectron2.utils.events import JSONWriter
+    from revvit_d2.d2.checkpoint import last_checkpoint_file
+    from revvit_d2.d2.determinism import ReseedHook, SeedState, resolve_seed, saved_run_state
     from revvit_video.engine import AtomicCheckpointer, VideoMetricPrinter, VideoTrainer
 
     model = build_model(cfg, device)
@@ -285,33 +266,39 @@ def do_train(args, cfg, device):
                            label_smoothing=float(cfg.train.get("label_smoothing", 0.0)),
                            clip_grad_l2norm=cfg.train.get("clip_grad_l2norm"), world_size=world)
     output_dir = cfg.train.output_dir
+    resume_from = saved_seed = None
+    if args.resume:
+        try:
+            resume_from = last_checkpoint_file(output_dir)
+            saved_seed = saved_run_state(resume_from)[0] if resume_from else None
+        except Exception as e:  # noqa: BLE001 - a damaged tag or file is the user's to fix
+            raise ToolError(f"cannot resume from {output_dir}: {type(e).__name__}: {e}") from None
+    seed = resolve_seed(cfg.train.seed, saved_seed)
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer,
-                                      save_to_disk=comm.is_main_process())
+                                      save_to_disk=comm.is_main_process(), seed=SeedState(seed))
     ckpt_cfg = cfg.train.get("checkpointer") or {}
     period = int(ckpt_cfg.get("period") or ipe)
     eval_period = int(cfg.train.get("eval_period") or 0)
     log_period = int(cfg.train.get("log_period", 20))
     trainer.register_hooks([
+        ReseedHook(seed),
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, period, max_to_keep=ckpt_cfg.get("max_to_keep"))
         if comm.is_main_process() else None,
         hooks.EvalHook(eval_period, lambda: do_test(cfg, model, device), eval_after_train=False)
         if eval_period else None,
-        hooks.PeriodicWriter([VideoMetricPrinter(max_iter, ipe),
-                              JSONWriter(os.path.join(output_dir, "metrics.json"))],
-                             period=log_period) if comm.is_main_process() else None,
     ])
 
     start_iter = 0
-    if args.resume and checkpointer.has_checkpoint():
-        path = checkpointer.get_checkpoint_file()
+    if resume_from:
         try:
-            checkpointer.load(path)  # model, optimizer, grad scaler, iteration (strict)
+            # model, optimizer, grad scaler, iteration, data position
+            checkpointer.load(resume_from)
         except (RuntimeError, KeyError, OSError) as e:
-            raise ToolError(f"cannot resume from {path}: {e}") from None
+            raise ToolError(f"cannot resume from {resume_from}: {e}") from None
         start_iter = trainer.iter + 1
-        logger.info("resuming from %s at iteration %d (epoch %.2f)", path, start_iter,
+        logger.info("resuming from %s at iteration %d (epoch %.2f)", resume_from, start_iter,
                     start_iter / ipe)
     else:
         if args.resume:
@@ -320,6 +307,14 @@ def do_train(args, cfg, device):
         if init:
             load_weights(getattr(model, "module", model), init,
                          load_head=not cfg.train.get("init_skip_head", False))
+    # The writers open metrics.json: only once the weights are in (a bad checkpoint leaves no
+    # file). Each line holds the medians over its own log period, so a resumed run writes the
+    # lines of an uninterrupted one (log_period=1: the raw losses).
+    if comm.is_main_process():
+        trainer.register_hooks([hooks.PeriodicWriter(
+            [VideoMetricPrinter(max_iter, ipe),
+             JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=log_period)],
+            period=log_period)])
     train_loader.start_iter = start_iter
     if start_iter < max_iter:
         from revvit_video.data import NoReadableVideoError
@@ -384,6 +379,13 @@ def invoke_main(argv=None) -> int:
             raise ToolError(f"--num-gpus must be >= 1, got {args.num_gpus}")
         cfg, path = load_config(args)  # fail fast, once, before processes are launched
         prepare_data(cfg, args.eval_only)
+        from revvit_d2.d2.checkpoint import check_start_checkpoint
+
+        try:
+            check_start_checkpoint(cfg.train.output_dir, cfg.train.get("init_checkpoint"),
+                                   args.resume)
+        except FileNotFoundError as e:
+            raise ToolError(str(e)) from None
         args.config_file = path
         from detectron2.engine import launch
 

@@ -16,12 +16,18 @@ Sampling (official REV_MVIT_B_16x4; see :mod:`revvit_video.transforms` for the p
   sampling) x ``num_crops`` spatial crops; every view carries its ``video_index`` so that views are
   aggregated per video (:mod:`revvit_video.engine`).
 
-Epochs. ``LabeledVideoDataset`` is an ``IterableDataset`` without ``__len__``. Training is
-iteration-based: one epoch is ``iters_per_epoch = floor(ceil(N / world_size) / batch_size)``
-iterations (N videos in the list), the same on every rank, so distributed ranks always run the
-same number of steps whatever is skipped. Each epoch reshuffles the video order
-(``DistributedSampler.set_epoch(epoch)``, also in a single process, so orders are reproducible);
-if unreadable videos make a pass end early, the same epoch order is restarted to fill the epoch.
+Epochs. Training is iteration-based: one epoch is ``iters_per_epoch = floor(ceil(N / world_size)
+/ batch_size)`` iterations (N videos in the list), the same on every rank, so distributed ranks
+always run the same number of steps whatever is skipped. Each epoch reshuffles the video order
+(``DistributedSampler(seed=...).set_epoch(epoch)``, also in a single process); if unreadable
+videos make the order run out, it is restarted to fill the epoch.
+
+Resume. A training sample is keyed by ``(epoch, position)`` in that order
+(:class:`TrainClipDataset`, a map-style dataset) and made under RNGs seeded from ``(seed, rank,
+epoch, position)``: its clip time, crop and flip do not depend on the DataLoader worker that made
+it. :class:`VideoTrainLoader` batches the samples in the training process and records after each
+batch where it is (``state_dict``: iteration, epoch, position); a run resumed from a checkpoint
+holding that state continues with exactly the batches the uninterrupted run would have had.
 
 Faults. pytorchvideo skips a video it cannot open or decode silently and raises after 10
 consecutive failures. :class:`SkipCountingVideoDataset` reports every failure instead: a record
@@ -31,6 +37,7 @@ consecutive-failure limit is raised to the number of videos so that no run of ba
 a pass. A failure costs nothing extra: no file is opened twice.
 """
 import functools
+import itertools
 import logging
 import math
 import os
@@ -45,6 +52,8 @@ from pytorchvideo.data import LabeledVideoDataset, make_clip_sampler
 from pytorchvideo.data.labeled_video_paths import LabeledVideoPaths
 from pytorchvideo.data.video import VideoPathHandler
 
+from revvit_d2.d2.determinism import derive_seed, seeded_rng
+
 from .transforms import build_test_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -53,6 +62,7 @@ __all__ = [
     "NoReadableVideoError",
     "SkipRecord",
     "SkipCountingVideoDataset",
+    "TrainClipDataset",
     "ShardSampler",
     "kinetics_dataset",
     "collate_video_batch",
@@ -145,7 +155,7 @@ class _ReportingTransform:
     """Runs the user transform; a transform error skips (and reports) the clip instead of
     ending the pass (pytorchvideo skips a sample whose transform returns None)."""
 
-    def __init__(self, transform: Callable[[dict], Any], dataset: "SkipCountingVideoDataset"):
+    def __init__(self, transform: Callable[[dict], Any], dataset: "_SkipReporting"):
         self.transform = transform
         self.dataset = dataset
 
@@ -158,7 +168,24 @@ class _ReportingTransform:
             return None
 
 
-class SkipCountingVideoDataset(LabeledVideoDataset):
+class _SkipReporting:
+    """Failure records of a dataset (``self.labeled_video_paths``): :meth:`_report` collects
+    them until :meth:`_take_reports` hands them over with the next sample."""
+
+    def _report(self, path: str, reason: str):
+        self._pending.append(SkipRecord(path, reason))
+
+    def _take_reports(self) -> List[SkipRecord]:
+        records, self._pending = self._pending, []
+        return records
+
+    def video_path(self, index: int) -> str:
+        if 0 <= index < len(self.labeled_video_paths):
+            return self.labeled_video_paths[index][0]
+        return "<unknown>"
+
+
+class SkipCountingVideoDataset(_SkipReporting, LabeledVideoDataset):
     """pytorchvideo's ``LabeledVideoDataset`` (same arguments, same samples) that reports the
     videos it skips.
 
@@ -182,25 +209,91 @@ class SkipCountingVideoDataset(LabeledVideoDataset):
         # bad files (the sampler ends the pass).
         self._MAX_CONSECUTIVE_FAILURES = len(labeled_video_paths) + 1
 
-    def _report(self, path: str, reason: str):
-        self._pending.append(SkipRecord(path, reason))
-
-    def video_path(self, index: int) -> str:
-        if 0 <= index < len(self.labeled_video_paths):
-            return self.labeled_video_paths[index][0]
-        return "<unknown>"
-
     def __next__(self) -> dict:
         try:
             sample = super().__next__()
         except StopIteration:
             if self._pending:
-                records, self._pending = self._pending, []
-                return {"video": None, "skipped": records}
+                return {"video": None, "skipped": self._take_reports()}
             raise
-        records, self._pending = self._pending, []
-        sample["skipped"] = records
+        sample["skipped"] = self._take_reports()
         return sample
+
+
+class TrainClipDataset(_SkipReporting, torch.utils.data.Dataset):
+    """Training clips by key ``(epoch, position)``: the video at ``position`` (modulo this
+    rank's share) of the epoch's shuffled order, one clip from the clip sampler, the transform.
+
+    Python, numpy and torch RNGs are seeded from ``(seed, rank, epoch, position)`` for the whole
+    sample (pytorchvideo's random clip sampler draws from ``random``, its crops from torch), so
+    a sample is the same whichever worker makes it and whenever. A video that cannot be opened
+    or decoded, or whose transform fails, gives ``{"video": None, "skipped": [SkipRecord]}``;
+    good samples carry ``"skipped": []`` and the keys of pytorchvideo's samples.
+
+    Args:
+        labeled_video_paths: all videos (every rank), in list order.
+        clip_sampler: a pytorchvideo clip sampler (one clip per video: ``"random"``).
+        transform: sample dict -> sample dict.
+        seed: seed of the orders (``DistributedSampler``) and of the samples.
+        num_replicas, rank: this process's share of each epoch (``DistributedSampler``).
+    """
+
+    def __init__(self, labeled_video_paths: LabeledVideoPaths, clip_sampler,
+                 transform: Optional[Callable[[dict], Any]] = None, *, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0, decoder: str = "pyav"):
+        self.labeled_video_paths = labeled_video_paths
+        self.clip_sampler = clip_sampler
+        self.transform = None if transform is None else _ReportingTransform(transform, self)
+        self.seed, self.rank, self.decoder = int(seed), int(rank), decoder
+        self.order_sampler = DistributedSampler(range(len(labeled_video_paths)), num_replicas,
+                                                rank, shuffle=True, seed=int(seed),
+                                                drop_last=False)
+        self._order: Dict[int, List[int]] = {}
+        self._pending: List[SkipRecord] = []
+        self.video_path_handler = _ReportingPathHandler(self._report)
+
+    def __len__(self) -> int:
+        """Videos of this rank per epoch."""
+        return len(self.order_sampler)
+
+    def order(self, epoch: int) -> List[int]:
+        """This rank's video indices for `epoch`."""
+        if epoch not in self._order:
+            self.order_sampler.set_epoch(epoch)
+            self._order = {epoch: list(self.order_sampler)}
+        return self._order[epoch]
+
+    def __getitem__(self, key) -> dict:
+        epoch, position = (int(k) for k in key)
+        order = self.order(epoch)
+        index = order[position % len(order)]
+        self._pending = []
+        with seeded_rng(derive_seed(self.seed, self.rank, epoch, position)):
+            sample = self._clip(index)
+        if sample is None:
+            return {"video": None, "skipped": self._take_reports()}
+        sample["skipped"] = self._take_reports()
+        return sample
+
+    def _clip(self, index: int) -> Optional[dict]:
+        path, info = self.labeled_video_paths[index]
+        try:
+            video = self.video_path_handler.video_from_path(path, decode_audio=False,
+                                                            decoder=self.decoder)
+        except Exception:  # noqa: BLE001 - reported by the path handler
+            return None
+        try:
+            self.clip_sampler.reset()
+            start, end, clip_index, aug_index, _ = self.clip_sampler(0.0, video.duration, info)
+            clip = video.get_clip(start, end)  # failures are reported by _ReportingVideo
+            name = video.name
+        finally:
+            video.close()
+        if clip is None or clip.get("video") is None:
+            return None
+        sample = {"video": clip["video"], "video_name": name, "video_index": index,
+                  "clip_index": clip_index, "aug_index": aug_index, **info}
+        return sample if self.transform is None else self.transform(sample)
 
 
 class ShardSampler(Sampler):
@@ -300,53 +393,109 @@ def _make_loader(dataset, batch_size, num_workers, pin_memory):
                       persistent_workers=False)
 
 
+def _as_is(sample):
+    return sample
+
+
+class _EpochPositions(Sampler):
+    """Keys ``(epoch, start), (epoch, start + 1), ...`` without end."""
+
+    def __init__(self, epoch: int, start: int):
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __iter__(self):
+        return ((self.epoch, p) for p in itertools.count(self.start))
+
+
 class VideoTrainLoader:
     """Endless iterable of training batches, ``iters_per_epoch`` batches per epoch.
 
-    ``iter(loader)`` starts at epoch ``start_iter // iters_per_epoch`` (set :attr:`start_iter`
-    when resuming) and calls ``set_epoch`` on the video sampler at every epoch. Batches hold at
-    least one clip; skipped videos are logged once per file and counted in :attr:`skipped`.
+    ``iter(loader)`` starts at iteration :attr:`start_iter` (epoch ``start_iter //
+    iters_per_epoch``). DataLoader workers make single samples of :class:`TrainClipDataset` in
+    key order; this process drops the unreadable ones (logged once per file, counted in
+    :attr:`skipped`) and batches the others, so every batch is full. :meth:`state_dict` tells
+    where the last batch ended; after :meth:`load_state_dict` of that state, a loader started
+    at the next iteration continues exactly there (without it, a start inside an epoch assumes
+    that no video of the epoch was skipped before it).
     """
 
-    def __init__(self, dataset: SkipCountingVideoDataset, batch_size: int, num_workers: int,
+    def __init__(self, dataset: TrainClipDataset, batch_size: int, num_workers: int,
                  iters_per_epoch: int, pin_memory: bool = False):
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.iters_per_epoch = max(1, int(iters_per_epoch))
-        self.loader = _make_loader(dataset, batch_size, num_workers, pin_memory)
+        self.num_workers = max(0, int(num_workers))
+        self.pin_memory = bool(pin_memory)
         self.start_iter = 0
         self.skipped = _SkipLog("training")
         self.epoch = 0
+        self._cursor: Dict[str, int] = {}
+        self._resume: Dict[str, int] = {}
 
     @property
     def num_videos(self) -> int:
         """Videos in the list (all ranks)."""
         return len(self.dataset.labeled_video_paths)
 
+    def state_dict(self) -> Dict[str, int]:
+        """``{"iteration", "epoch", "position"}`` of the last batch handed out (empty before)."""
+        return dict(self._cursor)
+
+    def load_state_dict(self, state: Dict[str, int]):
+        self._resume = dict(state or {})
+
+    def _start(self):
+        epoch, done = divmod(int(self.start_iter), self.iters_per_epoch)
+        position = done * self.batch_size
+        saved = self._resume
+        if done and saved.get("iteration") == self.start_iter - 1 and saved.get("epoch") == epoch:
+            position = int(saved["position"])
+        elif done:
+            logger.warning("starting inside epoch %d without the loader state of iteration %d: "
+                           "the epoch continues at its video %d", epoch, self.start_iter - 1,
+                           position)
+        return epoch, done, position
+
+    def _samples(self, epoch: int, start: int):
+        # A generator of its own: the DataLoader draws its workers' base seed from it, not from
+        # the global RNG of the training step (drop path) that starts the epoch.
+        seed = derive_seed(self.dataset.seed, self.dataset.rank, epoch)
+        return DataLoader(self.dataset, sampler=_EpochPositions(epoch, start), batch_size=None,
+                          num_workers=self.num_workers, collate_fn=_as_is,
+                          generator=torch.Generator().manual_seed(seed))
+
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        self.epoch = self.start_iter // self.iters_per_epoch
-        done = self.start_iter % self.iters_per_epoch  # resume: the rest of this epoch
-        sampler = self.dataset.video_sampler
+        epoch, done, position = self._start()
+        iteration = int(self.start_iter)
         while True:
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(self.epoch)
-            while done < self.iters_per_epoch:
-                produced = False
-                for batch in self.loader:  # one pass over this rank's videos
-                    self.skipped.add(batch["skipped"])
-                    if batch["video"] is None:
-                        continue
-                    produced = True
-                    yield batch
-                    done += 1
-                    if done == self.iters_per_epoch:
-                        break
-                if not produced:
-                    raise NoReadableVideoError(
-                        f"no training video could be read in a whole pass over "
-                        f"{self.num_videos} videos ({len(self.skipped.paths)} unreadable)")
-            self.epoch += 1
-            done = 0
+            self.epoch = epoch
+            pending: List[dict] = []
+            misses = 0
+            for sample in self._samples(epoch, position):
+                position += 1
+                self.skipped.add(sample["skipped"])
+                if sample["video"] is None:
+                    misses += 1
+                    if misses >= len(self.dataset):
+                        raise NoReadableVideoError(
+                            f"no training video could be read in a whole pass over "
+                            f"{self.num_videos} videos ({len(self.skipped.paths)} unreadable)")
+                    continue
+                misses = 0
+                pending.append(sample)
+                if len(pending) < self.batch_size:
+                    continue
+                batch, pending = collate_video_batch(pending), []
+                if self.pin_memory:
+                    batch["video"], batch["label"] = (batch["video"].pin_memory(),
+                                                      batch["label"].pin_memory())
+                self._cursor = dict(iteration=iteration, epoch=epoch, position=position)
+                yield batch
+                iteration += 1
+                done += 1
+                if done == self.iters_per_epoch:
+                    break
+            epoch, done, position = epoch + 1, 0, 0
 
 
 class VideoTestLoader:
@@ -396,7 +545,8 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
             :func:`revvit_video.transforms.build_train_transform`.
         total_batch_size: clips per iteration over all processes (divisible by the world size).
         num_workers: DataLoader worker processes per process.
-        seed: seed of the per-epoch shuffling (``DistributedSampler(seed=...)``).
+        seed: seed of the per-epoch shuffling (``DistributedSampler(seed=...)``) and of the
+            clip times and augmentations (see :class:`TrainClipDataset`).
         video_path_prefix: prefix of relative list paths (default: the list file's folder).
         pin_memory: default: when CUDA is available.
     """
@@ -407,13 +557,11 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
     batch = int(total_batch_size) // world
     transform = build_train_transform(num_frames, crop_size, jitter_scales_relative,
                                       jitter_aspect_relative, hflip_prob, mean, std)
-    sampler = functools.partial(DistributedSampler, num_replicas=world, rank=rank, shuffle=True,
-                                seed=int(seed), drop_last=False)
-    dataset = kinetics_dataset(
-        data_path, make_clip_sampler("random", clip_duration(num_frames, sampling_rate,
-                                                             target_fps)),
-        sampler, transform, video_path_prefix)
-    per_rank = len(dataset.video_sampler)
+    dataset = TrainClipDataset(
+        read_video_list(data_path, video_path_prefix),
+        make_clip_sampler("random", clip_duration(num_frames, sampling_rate, target_fps)),
+        transform, seed=int(seed), num_replicas=world, rank=rank)
+    per_rank = len(dataset)
     if per_rank < batch:
         logger.warning("%d videos per process but %d clips per batch: an epoch is one batch",
                        per_rank, batch)

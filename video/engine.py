@@ -9,7 +9,8 @@ engine (``SimpleTrainer``, hooks, ``EventStorage``, ``Checkpointer``).
   view, and the count of videos that got none (unreadable files).
 * :class:`VideoTrainer`: detectron2's ``SimpleTrainer`` with a classification step: clips to the
   device, ``torch.autocast`` on CUDA (float16 with a ``GradScaler``, or bfloat16), cross-entropy
-  with label smoothing, optional gradient clipping, throughput metrics.
+  with label smoothing, optional gradient clipping, throughput metrics. Its state (saved in
+  checkpoints) includes the position of the training data stream, for an exact resume.
 * :class:`AtomicCheckpointer`: detectron2/fvcore ``Checkpointer`` whose files (and the
   ``last_checkpoint`` tag) are written to a temporary name and moved into place with
   ``os.replace``, so an interrupted save never leaves a truncated checkpoint behind; loading our
@@ -208,6 +209,7 @@ class VideoTrainer(SimpleTrainer):
         self.clip_grad_l2norm = clip_grad_l2norm
         self.world_size = int(world_size)
         self.grad_scaler = None
+        self._data_states = None  # every process's data position after the last step
         if self.amp_dtype == torch.float16:
             self.grad_scaler = torch.amp.GradScaler("cuda")
 
@@ -248,17 +250,30 @@ class VideoTrainer(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+        if hasattr(self.data_loader, "state_dict"):
+            # Where each process's data stream stands (they skip different unreadable videos);
+            # the main process saves all of them. Every process runs every step: safe to gather.
+            self._data_states = comm.all_gather(self.data_loader.state_dict())
 
     def state_dict(self):
         ret = super().state_dict()
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
+        if self._data_states is not None:
+            ret["data"] = {"per_rank": self._data_states}
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        states = state_dict.get("data", {}).get("per_rank", [])
+        if hasattr(self.data_loader, "load_state_dict") and states:
+            if len(states) == comm.get_world_size():
+                self.data_loader.load_state_dict(states[comm.get_rank()])
+            else:
+                logger.warning("the checkpoint's data position is for %d processes, not %d: "
+                               "not used", len(states), comm.get_world_size())
 
 
 class AtomicCheckpointer(AtomicSaveMixin, Checkpointer):
