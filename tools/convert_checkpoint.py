@@ -40,9 +40,15 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.source):
         print(f"error: no such checkpoint file: {args.source}", file=sys.stderr)
         return 2
-    ckpt = torch.load(args.source, map_location="cpu", weights_only=False)
-    fmt = detect_format(ckpt) if args.format == "auto" else args.format
     try:
+        ckpt = torch.load(args.source, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - empty, truncated or not a checkpoint at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: cannot read checkpoint {args.source}: {type(e).__name__}: {first}",
+              file=sys.stderr)
+        return 1
+    try:
+        fmt = detect_format(ckpt) if args.format == "auto" else args.format
         sd = revvit_d2.convert_state_dict(ckpt, fmt)
         if not args.quiet:
             print(f"format: {fmt}")

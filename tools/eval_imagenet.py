@@ -71,54 +71,25 @@ def setup_logging():
 # Config
 # ------------------------------------------------------------------------------------------
 def load_config(args):
-    from detectron2.config import LazyConfig
     from omegaconf import OmegaConf
+
+    from revvit_d2.d2.lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
 
     path = args.config_file or DEFAULT_CONFIG
     if not os.path.isfile(path) and not os.path.isabs(path) and (REPO_ROOT / path).is_file():
         path = str(REPO_ROOT / path)
-    if not os.path.isfile(path):
-        raise ToolError(f"config file not found: {path}")
     try:
-        cfg = LazyConfig.load(path)
-    except Exception as e:  # a broken config file is a user error, not a bug of this tool
-        raise ToolError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
-    for section in ("model", "eval"):
-        if section not in cfg:
-            raise ToolError(f"config {path} defines no '{section}'")
-
-    overrides = []
-    if args.checkpoint is not None:
-        value = None if args.checkpoint.lower() in ("", "none", "null") else args.checkpoint
-        OmegaConf.update(cfg, "eval.checkpoint", value, merge=True)
-    if args.data is not None:
-        OmegaConf.update(cfg, "eval.data", args.data, merge=True)
-    if args.max_images is not None:
-        OmegaConf.update(cfg, "eval.max_images", args.max_images, merge=True)
-    for opt in args.opts or []:
-        if "=" not in opt or opt.startswith("-"):
-            raise ToolError(f"cannot parse override {opt!r}: expected key=value (options such as "
-                            f"--checkpoint go before the key=value overrides)")
-        key = opt.split("=", 1)[0].strip()
-        if key.startswith(("+", "~")):
-            raise ToolError(f"override {opt!r}: adding or deleting keys is not supported")
-        top = key.split(".", 1)[0]
-        if top == "model" and key.count(".") == 1:
-            pass  # model.<arg>=... may add any create_model / constructor argument
-        elif OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            parent = key.rsplit(".", 1)[0] if "." in key else None
-            known = ""
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            if OmegaConf.is_dict(node):
-                known = f" (known keys of '{parent or '<root>'}': {', '.join(sorted(node))})"
-            raise ToolError(f"unknown config key '{key}'{known}")
-        overrides.append(opt)
-    try:
-        LazyConfig.apply_overrides(cfg, overrides)
-    except Exception as e:
-        raise ToolError(f"cannot apply overrides {overrides}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return cfg, path
+        cfg = load_lazy_config(path, ("model", "eval"))
+        if args.checkpoint is not None:
+            value = None if args.checkpoint.lower() in ("", "none", "null") else args.checkpoint
+            OmegaConf.update(cfg, "eval.checkpoint", value, merge=True)
+        if args.data is not None:
+            OmegaConf.update(cfg, "eval.data", args.data, merge=True)
+        if args.max_images is not None:
+            OmegaConf.update(cfg, "eval.max_images", args.max_images, merge=True)
+        return apply_overrides_strict(cfg, args.opts), path
+    except ConfigError as e:
+        raise ToolError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------
