@@ -70,6 +70,15 @@ def test_memory_speed_harness_runs_on_cpu(tmp_path):
     assert set(rows[0]["images_per_s"]) == {"plain", "rev", "ckpt", "rev_parallel"}
     assert all(v > 0 for v in rows[0]["images_per_s"].values())
     assert "| vit_s@2 | float32 | rev |" in out.with_suffix(".md").read_text()
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --plot-only redraws the plot from the JSON alone
+    png.unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_speed.py"),
+                           "--plot-only", str(out.with_suffix(".json"))],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_reconstruction_error_orders_precisions(tmp_path):
@@ -82,3 +91,44 @@ def test_reconstruction_error_orders_precisions(tmp_path):
     err = {k: r["reconstruction_rel_err"] for k, r in rows.items()}
     assert err["float64"] < 1e-12 < err["float32"] < 1e-5 < err["bfloat16-streams"]
     assert all(r["input_grad_cosine"] > 0.999 for r in rows.values())
+
+
+def test_reconstruction_error_with_anchoring(tmp_path):
+    out = tmp_path / "ra"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reconstruction_error.py"), "--depths", "4",
+           "--width", "64", "--heads", "2", "--tokens", "16", "--device", "cpu",
+           "--precisions", "float32", "--anchor-every", "0", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["anchor_every"] for r in rows] == [0, 2]
+    assert all(r["param_grad_min_cosine"] > 0.9999 for r in rows)
+    assert "| float32 | 2 | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_compile_speed_runs_on_cpu(tmp_path):
+    """The compile benchmark end to end on a tiny model with the fast "aot_eager" backend."""
+    out = tmp_path / "cs"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compile_speed.py"), "--device", "cpu",
+           "--model", "rev_vit_test", "--img-size", "64", "--batch", "2", "--repeats", "2",
+           "--backend", "aot_eager", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.with_suffix(".json").read_text())["result"]
+    assert set(result["step_s"]) == {"rev", "rev+compile"}
+    assert len(result["speedup"]["rev"]["per_round"]) == 2
+    assert "| rev+compile |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_reanchor_memory_smoke(tmp_path):
+    out = tmp_path / "rm"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reanchor_memory.py"), "--depths", "4",
+           "--anchor-every", "0", "2", "--width", "64", "--heads", "2", "--img-size", "128",
+           "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["depth"], r["anchor_every"]) for r in rows] == [(4, 0), (4, 2)]
+    assert rows[0]["extra_mib"] == 0 and rows[1]["predicted_extra_mib"] > 0
+    assert all(math.isfinite(r["mib_per_sample"]) for r in rows)
