@@ -131,6 +131,33 @@ def test_classes_in_both_splits_and_overlap(small):
         assert stats[split]["instances"] == len(coco["annotations"])
 
 
+def test_backgrounds_plain_and_textured(tmp_path):
+    # "plain": one colour per image (plus pixel noise); "textured": smooth two-colour noise and
+    # lines. Measured on the pixels no instance covers.
+    from pycocotools.coco import COCO
+
+    spread = {}
+    for style in ("plain", "textured"):
+        paths = make_synthetic_coco(tmp_path / style, num_train=8, num_val=1, seed=5,
+                                    background=style)
+        coco = COCO(str(paths["train_json"]))
+        values = []
+        for img in coco.loadImgs(coco.getImgIds()):
+            pixels = np.asarray(Image.open(paths["train_images"] / img["file_name"]), np.float32)
+            covered = np.zeros(pixels.shape[:2], bool)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+                covered |= coco.annToMask(ann).astype(bool)
+            # dilate the objects by 2 px so that anti-aliased edges do not count as background
+            covered = torch.nn.functional.max_pool2d(
+                torch.from_numpy(covered)[None, None].float(), 5, 1, 2)[0, 0].bool().numpy()
+            values.append(float(pixels[~covered].std(axis=0).mean()))
+        spread[style] = float(np.median(values))
+    # plain: the pixel noise (sigma 2-6) and JPEG only
+    assert spread["plain"] < 6 and spread["textured"] > 1.5 * spread["plain"], spread
+    with pytest.raises(ValueError, match="background"):
+        make_synthetic_coco(tmp_path / "bad", num_train=1, num_val=1, background="stripes")
+
+
 def test_default_size_generation_is_reasonable():
     # The defaults the demo uses: checked without generating 1200 images here.
     import inspect

@@ -134,11 +134,16 @@ def _smooth_noise(rng: np.random.Generator, w: int, h: int, cells: int) -> np.nd
     return np.asarray(up, dtype=np.float32) * (1.0 / 255.0)
 
 
-def _background(rng: np.random.Generator, w: int, h: int):
-    """Random-colour textured background (float32 HxWx3) and its two base colours."""
+def _background(rng: np.random.Generator, w: int, h: int, style: str = "textured"):
+    """Random-colour background (float32 HxWx3) and its base colours: ``"textured"`` (smooth
+    two-colour noise, a few faint lines, pixel noise) or ``"plain"`` (one colour, pixel noise)."""
     from PIL import Image, ImageDraw
 
     c0 = rng.integers(0, 256, 3).astype(np.float32)
+    if style == "plain":
+        bg = np.broadcast_to(c0, (h, w, 3)).copy()
+        bg += rng.standard_normal((h, w, 1), dtype=np.float32) * float(rng.uniform(2, 6))
+        return bg, (c0,)
     c1 = np.clip(c0 + rng.integers(-70, 71, 3), 0, 255).astype(np.float32)
     t = _smooth_noise(rng, w, h, int(rng.integers(3, 9)))[..., None]
     bg = c0 + (c1 - c0) * t
@@ -176,12 +181,12 @@ def _pick_colour(rng: np.random.Generator, avoid: Sequence[np.ndarray], min_bg: 
 
 def _render_image(rng: np.random.Generator, image_size: Tuple[int, int],
                   object_size: Tuple[float, float], max_instances: int, min_visible: float,
-                  min_area: int):
+                  min_area: int, background: str = "textured"):
     """One image (uint8 HxWx3) and its instances ``[(class_index, visible_mask, full_area)]``
     (masks HxW bool, in drawing order)."""
     lo, hi = image_size
     w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-    img, bg_cols = _background(rng, w, h)
+    img, bg_cols = _background(rng, w, h, background)
     short = min(w, h)
     n = int(rng.integers(1, max_instances + 1))
     placed: List[Tuple[int, np.ndarray, int]] = []  # (class, full mask, full area)
@@ -261,7 +266,8 @@ def _generate_split(root: Path, split: str, num_images: int, params: dict, stats
         rng = np.random.default_rng([params["seed"], _SPLIT_CODE[split], i, _FORMAT_VERSION])
         img, instances = _render_image(rng, tuple(params["image_size"]),
                                        tuple(params["object_size"]), params["max_instances"],
-                                       params["min_visible"], params["min_area"])
+                                       params["min_visible"], params["min_area"],
+                                       params["background"])
         h, w = img.shape[:2]
         file_name = f"{split}_{i:06d}.jpg"
         Image.fromarray(img, "RGB").save(img_dir / file_name, "JPEG",
@@ -328,10 +334,11 @@ def _is_complete(root: Path, params: dict) -> bool:
 
 def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 1000,
                         num_val: int = 200, seed: int = 0,
-                        image_size: Tuple[int, int] = (128, 192),
-                        object_size: Tuple[float, float] = (0.2, 0.55),
-                        max_instances: int = 4, min_visible: float = 0.5,
-                        min_area: int = 16, quality: int = 90) -> Dict[str, Path]:
+                        image_size: Tuple[int, int] = (128, 144),
+                        object_size: Tuple[float, float] = (0.3, 0.65),
+                        max_instances: int = 3, min_visible: float = 0.6,
+                        min_area: int = 16, quality: int = 90,
+                        background: str = "plain") -> Dict[str, Path]:
     """Write (once) the deterministic synthetic COCO-format shapes dataset.
 
     Layout::
@@ -341,7 +348,9 @@ def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 1000,
         root/stats.json   root/.complete
 
     Every image (width and height drawn independently from ``image_size``, inclusive) has a
-    random-colour textured background and 1..``max_instances`` shapes of a random class,
+    random-colour background (``background="plain"``: one colour and pixel noise;
+    ``"textured"``: smooth two-colour noise, faint lines and pixel noise) and
+    1..``max_instances`` shapes of a random class,
     colour, rotation, position and size (circumscribed diameter ``object_size`` x the short
     side), fully inside the image. Later shapes are drawn over earlier ones; the json holds the
     visible part (RLE ``segmentation``, ``bbox`` XYWH = its tight box, ``area`` = its pixel
@@ -374,10 +383,13 @@ def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 1000,
         raise ValueError("num_train, num_val and max_instances must be positive")
     if not 0 <= float(min_visible) < 1:
         raise ValueError(f"min_visible must be in [0, 1), got {min_visible}")
+    if background not in ("textured", "plain"):
+        raise ValueError(f"background must be 'textured' or 'plain', got {background!r}")
     params = dict(version=_FORMAT_VERSION, num_train=int(num_train), num_val=int(num_val),
                   seed=int(seed), image_size=[lo, hi], object_size=[s_lo, s_hi],
                   max_instances=int(max_instances), min_visible=float(min_visible),
-                  min_area=int(min_area), quality=int(quality), classes=list(CLASSES))
+                  min_area=int(min_area), quality=int(quality), classes=list(CLASSES),
+                  background=background)
     paths = _paths(root)
     if _is_complete(root, params):  # fast path, no lock needed to read a finished dataset
         return paths
