@@ -25,11 +25,12 @@ RUN_VIDEO = ROOT / "tools" / "run_video.py"
 ENV = dict(os.environ, REVVIT_DATASETS=str(ROOT / "datasets"), PYTHONUNBUFFERED="1",
            OMP_NUM_THREADS="2")
 
-# A tiny detector (2 reversible blocks with drop path, 96 px images, 2 data-loader workers) for
-# 8 iterations with a checkpoint every 2; no evaluation.
+# A tiny detector (2 reversible blocks with drop path, random flips and 96-112 px resizes, 2
+# data-loader workers) for 8 iterations with a checkpoint every 2; no evaluation. The demo config
+# has no augmentation, so a small config file on top of it adds random ones (_detection_config).
+DEMO_CONFIG = ROOT / "configs" / "COCO" / "mask_rcnn_revvit_synthetic.py"
 DETECTION = ["model.backbone.net.depth=2", "model.backbone.net.drop_path_rate=0.2",
              "model.roi_heads.batch_size_per_image=32", "dataloader.train.total_batch_size=2",
-             "dataloader.train.mapper.augmentations.1.short_edge_length=[96]",
              "dataloader.train.num_workers=2", "dataloader.evaluator=null", "train.max_iter=8",
              "train.checkpointer.period=2", "train.log_period=1", "train.seed=7",
              "train.deterministic=True"]
@@ -97,11 +98,31 @@ def _assert_resumed_like_uninterrupted(full: Path, resumed: Path, killed_at: int
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
 
 
+def _detection_config(tmp_path: Path) -> Path:
+    path = tmp_path / "resume_config.py"
+    path.write_text(textwrap.dedent(f"""
+        import detectron2.data.transforms as T
+        from detectron2.config import LazyCall as L
+        from detectron2.config import LazyConfig
+
+        _demo = LazyConfig.load({str(DEMO_CONFIG)!r})
+        model, dataloader, train = _demo.model, _demo.dataloader, _demo.train
+        optimizer, lr_multiplier = _demo.optimizer, _demo.lr_multiplier
+        dataloader.train.mapper.augmentations = [
+            L(T.RandomFlip)(horizontal=True),
+            L(T.ResizeShortestEdge)(short_edge_length=(96, 112), sample_style="choice",
+                                    max_size=160),
+        ]
+        """))
+    return path
+
+
 @pytest.mark.slow
 def test_detection_resume_after_sigkill_repeats_the_losses(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _finish(_start(TRAIN_NET, DETECTION + [f"train.output_dir={full}"], tmp_path))
-    args = DETECTION + [f"train.output_dir={killed}"]
+    config = ["--config-file", _detection_config(tmp_path)]
+    _finish(_start(TRAIN_NET, config + DETECTION + [f"train.output_dir={full}"], tmp_path))
+    args = config + DETECTION + [f"train.output_dir={killed}"]
     at = _run_and_kill(TRAIN_NET, args, killed, tmp_path, after=3)
     assert 3 <= at < 7
     log = _finish(_start(TRAIN_NET, ["--resume"] + args, tmp_path))
