@@ -19,6 +19,23 @@ def load_oracle(name: str):
     return torch.load(oracle_path(name), weights_only=True)
 
 
+@pytest.fixture
+def rev_backward_calls(monkeypatch):
+    """A list that gets one entry per call of the reversible engine's backward (proof that a
+    test's gradients came through RevBackProp, not plain autograd)."""
+    from revvit_d2.modeling.reversible import RevBackProp
+
+    calls = []
+    original = RevBackProp.backward
+
+    def spy(ctx, *grads):
+        calls.append(1)
+        return original(ctx, *grads)
+
+    monkeypatch.setattr(RevBackProp, "backward", staticmethod(spy))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     # Keep CPU tests deterministic and friendly to 2-core CI machines.

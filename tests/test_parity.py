@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import revvit_d2
-from revvit_d2.modeling.reversible import RevBackProp
 
 from conftest import load_oracle
 
@@ -52,17 +51,10 @@ def test_eval_logits_match_official(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_reversible_gradients_match_official(name, monkeypatch):
+def test_reversible_gradients_match_official(name, rev_backward_calls):
     data, model = _build_loaded(name)
     _, convert = CASES[name]
-    calls = []
-    original = RevBackProp.backward
-
-    def spy(ctx, *grads):
-        calls.append(1)
-        return original(ctx, *grads)
-
-    monkeypatch.setattr(RevBackProp, "backward", staticmethod(spy))
+    calls = rev_backward_calls
     model.train()
     x = data["input"].clone().requires_grad_(True)
     logits = model(x)

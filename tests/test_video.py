@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import revvit_d2
-from revvit_d2.modeling.reversible import RevBackProp
 from revvit_video import (
     RevVideoNet,
     create_rev_mvit,
@@ -49,20 +48,8 @@ def _tiny_mvit(**kw):
     return create_rev_mvit(**args)
 
 
-def _spy_backward(monkeypatch):
-    calls = []
-    original = RevBackProp.backward
-
-    def spy(ctx, *grads):
-        calls.append(1)
-        return original(ctx, *grads)
-
-    monkeypatch.setattr(RevBackProp, "backward", staticmethod(spy))
-    return calls
-
-
 @pytest.mark.parametrize("build", ["mvit", "vit"])
-def test_builder_forward_backward_every_parameter_gets_a_gradient(build, monkeypatch):
+def test_builder_forward_backward_every_parameter_gets_a_gradient(build, rev_backward_calls):
     torch.manual_seed(0)
     if build == "mvit":
         model = _tiny_mvit(head_num_classes=7)
@@ -74,7 +61,7 @@ def test_builder_forward_backward_every_parameter_gets_a_gradient(build, monkeyp
         x = torch.randn(2, 3, 4, 32, 32)
     assert isinstance(model, RevVideoNet)
     assert isinstance(model.trunk, revvit_d2.modeling.rev_mvit.RevMViT)
-    calls = _spy_backward(monkeypatch)
+    calls = rev_backward_calls
     model.train()
     logits = model(x)
     assert logits.shape == (2, 7)

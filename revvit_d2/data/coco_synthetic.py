@@ -134,7 +134,7 @@ def _smooth_noise(rng: np.random.Generator, w: int, h: int, cells: int) -> np.nd
     return np.asarray(up, dtype=np.float32) * (1.0 / 255.0)
 
 
-def _background(rng: np.random.Generator, w: int, h: int, style: str = "textured"):
+def _background(rng: np.random.Generator, w: int, h: int, style: str):
     """Random-colour background (float32 HxWx3) and its base colours: ``"textured"`` (smooth
     two-colour noise, a few faint lines, pixel noise) or ``"plain"`` (one colour, pixel noise)."""
     from PIL import Image, ImageDraw
@@ -181,7 +181,7 @@ def _pick_colour(rng: np.random.Generator, avoid: Sequence[np.ndarray], min_bg: 
 
 def _render_image(rng: np.random.Generator, image_size: Tuple[int, int],
                   object_size: Tuple[float, float], max_instances: int, min_visible: float,
-                  min_area: int, background: str = "textured"):
+                  min_area: int, background: str):
     """One image (uint8 HxWx3) and its instances ``[(class_index, visible_mask, full_area)]``
     (masks HxW bool, in drawing order)."""
     lo, hi = image_size
