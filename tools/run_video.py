@@ -371,6 +371,9 @@ def invoke_main(argv=None) -> int:
         except ImportError:  # running from a checkout without `pip install -e .`
             sys.path.insert(0, str(REPO_ROOT))
     args = build_parser().parse_args(argv)
+    # After one launched process fails, torch logs a warning for each sibling it terminates;
+    # the failure itself is reported (our error line, or the child's traceback).
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -400,8 +403,10 @@ def invoke_main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a launched process failed: it printed its own error already
-        if type(e).__name__ in ("ProcessExitedException", "ProcessRaisedException"):
+    except Exception as e:  # noqa: BLE001
+        # A launched process that exited with EXIT_ERROR printed its error line already; one
+        # that raised an unexpected exception (ProcessRaisedException) keeps its traceback.
+        if type(e).__name__ == "ProcessExitedException":
             return EXIT_ERROR
         raise
     return 0

@@ -268,19 +268,41 @@ def _expected_error(e: BaseException) -> bool:
     return isinstance(e, (ToolError, FileNotFoundError, CheckpointMismatchError))
 
 
-def invoke_main() -> int:
-    args = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1]).parse_args()
+def _error_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg if isinstance(e, ToolError) else f"{type(e).__name__}: {msg}"
+
+
+def _guarded_main(args):
+    """main() inside each process that ``launch`` starts: an expected error becomes one stderr
+    line (from the main process only) and exit status 1, not a traceback in every process."""
     try:
-        launch(main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except Exception as e:  # noqa: BLE001 - turned into one line for the expected kinds
+        return main(args)
+    except Exception as e:  # noqa: BLE001 - only the expected kinds are turned into one line
         if not _expected_error(e):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not isinstance(e, ToolError):
-            msg = f"{type(e).__name__}: {msg}"
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+        sys.stdout.flush()
+        if comm.is_main_process():
+            print(f"error: {_error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def invoke_main() -> int:
+    args = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1]).parse_args()
+    # After one launched process fails, torch logs a warning for each sibling it terminates;
+    # the failure itself is reported (our error line, or the child's traceback).
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    try:
+        launch(_guarded_main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except SystemExit as e:  # one process: _guarded_main's status
+        return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001
+        # Several processes: one that exited with status 1 has printed its error line already.
+        # One that raised an unexpected exception (ProcessRaisedException) keeps its traceback.
+        if type(e).__name__ == "ProcessExitedException":
+            return 1
+        raise
     return 0
 
 
