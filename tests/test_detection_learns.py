@@ -8,10 +8,10 @@ learned scores its random boxes against 1-3 shapes per image.
 The seed is pinned. With a random seed (detectron2's default, -1) the 400-iteration AP varies
 between runs (box AP 6.8-12.3 over four seeds on the dev machine), and one CI run with an unlucky
 seed collapsed to AP 0.04; a test must fail because the detector stopped learning, not because
-of a draw. With this seed and 2 OpenMP threads (as here) the schedule measured box AP 7.9, AP50 16.7,
-mask AP 3.2 on the dev machine; with 1 thread, 10.7 / 19.7 / 2.7 (docs/detection.md). The thread
-count, like the CPU model, changes the floating-point results, so the thresholds sit well below
-both.
+of a draw. With this seed and 2 OpenMP threads (as here) the schedule measured box AP 7.9,
+AP50 16.7, mask AP 3.2 on the dev machine; with 1 thread, 10.7 / 19.7 / 2.7
+(docs/detection.md). The thread count, like the CPU model, changes the floating-point results,
+so the thresholds sit well below both.
 """
 import json
 import os
