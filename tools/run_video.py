@@ -407,6 +407,8 @@ def invoke_main(argv=None) -> int:
         # A launched process that exited with EXIT_ERROR printed its error line already; one
         # that raised an unexpected exception (ProcessRaisedException) keeps its traceback.
         if type(e).__name__ == "ProcessExitedException":
+            if getattr(e, "exit_code", None) != EXIT_ERROR:  # killed (a signal, out of memory)
+                print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
             return EXIT_ERROR
         raise
     return 0

@@ -301,6 +301,8 @@ def invoke_main() -> int:
         # Several processes: one that exited with status 1 has printed its error line already.
         # One that raised an unexpected exception (ProcessRaisedException) keeps its traceback.
         if type(e).__name__ == "ProcessExitedException":
+            if getattr(e, "exit_code", None) != 1:  # killed (a signal, out of memory)
+                print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
             return 1
         raise
     return 0

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 __all__ = ["ReseedHook", "SeedState", "add_seed_keys", "derive_seed", "resolve_seed",
-           "saved_run_state", "seed_all", "seeded_rng", "set_deterministic"]
+           "saved_run_state", "seeded_rng", "set_deterministic"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +41,6 @@ def derive_seed(*keys: int) -> int:
     """A 32-bit seed mixed from non-negative integers (numpy's ``SeedSequence`` hash: nearby
     keys give unrelated seeds)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def seed_all(seed: int) -> None:
-    """Seed python's ``random``, numpy's global RNG and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -75,7 +69,7 @@ class ReseedHook(HookBase):
         self.seed = int(seed)
 
     def before_step(self):
-        seed_all(derive_seed(self.seed, comm.get_rank(), self.trainer.iter))
+        seed_all_rng(derive_seed(self.seed, comm.get_rank(), self.trainer.iter))
 
 
 class SeedState:
