@@ -11,7 +11,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 import revvit_d2
-from revvit_d2.d2 import (RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone,
+from revvit_d2.d2 import (HybridStem, RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone,
                           RevvitCheckpointer)
 
 from conftest import load_oracle
@@ -32,13 +32,24 @@ def _sfp(**kw):
                                    top_block=LastLevelMaxPool(), norm="LN")
 
 
+def _hybrid_stem():
+    # three stages: stride 4 * 2 * 2 = 16, TINY_VIT's patch size
+    # detectron2's "GN" has 32 groups; its BasicBlock downsamples only when the width changes
+    return HybridStem(out_channels=TINY_VIT["embed_dim"], stem_channels=32,
+                      stage_channels=(32, 64, 96), blocks_per_stage=1)
+
+
+def _sfp_hybrid(**kw):
+    return _sfp(stem=_hybrid_stem(), **kw)
+
+
 def _fpn(**kw):
     bottom_up = RevMViTBackbone(**dict(TINY_MVIT, **kw))
     return FPN(bottom_up=bottom_up, in_features=list(bottom_up.output_shape()), out_channels=32,
                top_block=LastLevelMaxPool())
 
 
-@pytest.mark.parametrize("make", [_sfp, _fpn, lambda: RevViTBackbone(**TINY_VIT),
+@pytest.mark.parametrize("make", [_sfp, _sfp_hybrid, _fpn, lambda: RevViTBackbone(**TINY_VIT),
                                   lambda: RevMViTBackbone(**TINY_MVIT)])
 @pytest.mark.parametrize("hw", [(64, 64), (97, 130), (33, 250)])
 def test_output_shape_matches_outputs_at_odd_sizes(make, hw):
@@ -66,7 +77,7 @@ def test_padding_constraints_use_the_correct_key():
     assert "size_divisiblity" not in sfp.padding_constraints
 
 
-@pytest.mark.parametrize("make", [_sfp, _fpn])
+@pytest.mark.parametrize("make", [_sfp, _sfp_hybrid, _fpn])
 def test_every_parameter_gets_a_gradient_and_freezing_works(make):
     free = make()
     sum(v.mean() for v in free(torch.randn(2, 3, 64, 96)).values()).backward()
@@ -79,6 +90,22 @@ def test_every_parameter_gets_a_gradient_and_freezing_works(make):
         frozen_part = ".patch_embed." in n or ".pos_embed" in n or ".blocks.0." in n or \
             ".blocks.1." in n
         assert (p.grad is None) == frozen_part, n
+
+
+def test_hybrid_stem_replaces_the_patch_projection():
+    net = RevViTBackbone(stem=_hybrid_stem(), **TINY_VIT)
+    assert isinstance(net.patch_embed.proj, HybridStem)
+    assert net.patch_embed.proj.stride == net.patch_size == 16
+    x = torch.randn(1, 3, 64, 96)
+    assert net(x)["last_feat"].shape == (1, 2 * TINY_VIT["embed_dim"], 4, 6)
+    for bad in (dict(stage_channels=(32, 64)), dict(out_channels=32)):  # stride 8 / width 32
+        kw = dict(out_channels=TINY_VIT["embed_dim"], stem_channels=32,
+                  stage_channels=(32, 64, 96), blocks_per_stage=1)
+        kw.update(bad)
+        with pytest.raises(ValueError, match="stride == patch_size"):
+            RevViTBackbone(stem=HybridStem(**kw), **TINY_VIT)
+    with pytest.raises(ValueError, match="must change the width"):
+        HybridStem(out_channels=64, stage_channels=(64, 64))
 
 
 def _fake_batch(num_classes, size=(64, 96)):
@@ -196,6 +223,29 @@ def test_init_checkpoint_from_official_files_loads_every_backbone_key(name, fami
     assert "checkpoint tensors the backbone does not use: head.bias, head.weight" in caplog.text
 
 
+def test_init_checkpoint_into_a_hybrid_stem_loads_every_other_key(tmp_path, caplog):
+    data = load_oracle("slowfast_revvit_tiny.pt")
+    path = tmp_path / "ckpt.pyth"
+    torch.save({"model_state": data["state_dict"]}, path)
+    model = torch.nn.Module()
+    model.backbone = _sfp_hybrid(depth=4)
+    stem_before = {k: v.clone() for k, v in model.backbone.net.patch_embed.state_dict().items()}
+    with caplog.at_level(logging.INFO):
+        RevvitCheckpointer(model).load(str(path))
+    expected = revvit_d2.convert_state_dict({"model_state": data["state_dict"]})
+    own = model.backbone.net.state_dict()
+    loaded = [k for k in own if k in expected]
+    assert sorted(set(own) - set(loaded)) == sorted(k for k in own if k.startswith("patch_embed."))
+    for k in loaded:
+        assert torch.equal(own[k], expected[k]), k
+    for k, v in model.backbone.net.patch_embed.state_dict().items():
+        assert torch.equal(v, stem_before[k]), k  # the stem keeps its own init
+    assert "checkpoint tensors the backbone does not use: head.bias, head.weight, " \
+        "patch_embed.proj.bias, patch_embed.proj.weight" in caplog.text
+    assert "backbone tensors not in the checkpoint (kept at init): patch_embed.proj.proj.bias" \
+        in caplog.text
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     other = revvit_d2.create_model("rev_mvit_test")
     path = tmp_path / "other.pth"
@@ -226,9 +276,11 @@ def test_checkpointer_saves_atomically(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "model_0000009.pth", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("builder,variant", [("build_revvit_sfp_backbone", "rev_vit_test"),
-                                             ("build_revmvit_fpn_backbone", "rev_mvit_test")])
-def test_yacs_path_builds_registered_backbones(builder, variant):
+@pytest.mark.parametrize("builder,variant,hybrid", [
+    ("build_revvit_sfp_backbone", "rev_vit_test", False),
+    ("build_revvit_sfp_backbone", "rev_vit_test", True),
+    ("build_revmvit_fpn_backbone", "rev_mvit_test", False)])
+def test_yacs_path_builds_registered_backbones(builder, variant, hybrid):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_backbone
 
@@ -240,6 +292,11 @@ def test_yacs_path_builds_registered_backbones(builder, variant):
     cfg.MODEL.REVVIT.IMG_SIZE = 64
     cfg.MODEL.REVVIT.OUT_FEATURES = ["scale2", "scale3", "scale4"]
     cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.REVVIT.HYBRID_STEM.ENABLED = hybrid
+    cfg.MODEL.REVVIT.HYBRID_STEM.STAGE_CHANNELS = [32, 64, 96]
+    cfg.MODEL.REVVIT.HYBRID_STEM.STEM_CHANNELS = 32
     backbone = build_backbone(cfg)
+    assert isinstance(backbone.bottom_up.patch_embed.proj if variant == "rev_mvit_test"
+                      else backbone.net.patch_embed.proj, HybridStem) == hybrid
     out = backbone(torch.randn(1, 3, 64, 64))
     assert {k: v.shape[1] for k, v in out.items()} == {k: 32 for k in backbone.output_shape()}

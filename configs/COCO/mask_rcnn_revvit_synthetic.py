@@ -6,9 +6,12 @@ scale, position, rotation and overlap on plain backgrounds; 1000 train / 200 val
     python tools/train_net.py            # this config is the default
 
 Same model design as mask_rcnn_revvit_b_100ep.py (reversible ViT + SimpleFeaturePyramid, LN
-heads), scaled down for a CPU and small images: patch 8 (stride-8 tokens, 16-18 a side), 128
-wide, 4 blocks, a p2-p5 pyramid of 64 channels, 2fc box head. The choices are measured in
-docs/detection.md (the smaller model at lr 2e-3 learned fastest per second of CPU).
+heads), scaled down for a CPU and small images: stride-8 tokens (16-18 a side), 128 wide, 4
+reversible blocks, a p2-p5 pyramid of 64 channels, 2fc box head. One departure from the official
+Rev-ViT: the tokens come from a small ResNet (revvit_d2.d2.HybridStem, the "hybrid" ViT) instead
+of a linear patch projection, because from scratch and in a CPU budget the patch projection does
+not learn to localise (box AP 8.9 vs 28.6 after 400 iterations; docs/detection.md). Set
+``model.backbone.net.stem = None`` for the plain patch-8 Rev-ViT.
 """
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
@@ -19,13 +22,17 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import CosineParamScheduler
 
+from revvit_d2.d2 import HybridStem
 from revvit_d2.data.coco_synthetic import SafeDatasetMapper
 
 from ..common.models.mask_rcnn_revvit import model
 
-# -- model: tiny reversible ViT; 64-channel pyramid, 2fc box head and 2-conv mask head ----------
+# -- model: tiny hybrid reversible ViT; 64-channel pyramid, 2fc box head and 2-conv mask head ---
 model.backbone.net.update(img_size=128, patch_size=8, embed_dim=128, depth=4, num_heads=4,
                           drop_path_rate=0.0, window_size=0, global_block_indexes=())
+# A 7x7 stride-2 conv, max pool and one basic block at strides 4 and 8 (GroupNorm) -> 128 wide.
+model.backbone.net.stem = L(HybridStem)(out_channels="${..embed_dim}", stem_channels=64,
+                                        stage_channels=(64, 128), blocks_per_stage=1)
 model.backbone.square_pad = 0
 # Stride-8 tokens: p2 (x2), p3 (x1), p4 (x0.5) and p5 (max-pooled p4). Objects are 20-90 px.
 model.backbone.scale_factors = (2.0, 1.0, 0.5)
@@ -47,9 +54,10 @@ model.roi_heads.box_head.fc_dims = [256, 256]
 model.roi_heads.box_predictor.input_shape.channels = 256
 model.roi_heads.mask_head.input_shape.channels = channels
 model.roi_heads.mask_head.conv_dims = [channels] * 2
-# At most 2x2 samples per bin: the adaptive default makes ROIAlign's CPU backward costly.
-model.roi_heads.box_pooler.sampling_ratio = 2
-model.roi_heads.mask_pooler.sampling_ratio = 2
+# One sample per bin: the adaptive default makes ROIAlign's CPU backward costly
+# (benchmarks/roi_align_cpu.py: 1 sample is 2.7x faster than 2x2; docs/detection.md).
+model.roi_heads.box_pooler.sampling_ratio = 1
+model.roi_heads.mask_pooler.sampling_ratio = 1
 
 # -- data: the synthetic split names are registered by tools/train_net.py on first use ---------
 dataloader = dict(
@@ -77,12 +85,12 @@ dataloader = dict(
     evaluator=L(COCOEvaluator)(dataset_name="revvit_shapes_val"),
 )
 
-# -- schedule: 1200 iterations at batch 4 (4.8 epochs of the 1000 training images) ------------
+# -- schedule: 800 iterations at batch 4 (3.2 epochs of the 1000 training images) -------------
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
 train.output_dir = "./output/mask_rcnn_revvit_synthetic"
-train.max_iter = 1200
-train.eval_period = 1200
+train.max_iter = 800
+train.eval_period = 800
 train.log_period = 20
 train.checkpointer.period = 400
 train.checkpointer.max_to_keep = 2

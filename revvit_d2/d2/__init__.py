@@ -1,9 +1,11 @@
 """The Detectron2 wrapping of the reversible backbones (imports detectron2)."""
-from .backbone import LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone
+from .backbone import (HybridStem, LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid,
+                       RevViTBackbone)
 from .checkpoint import RevvitCheckpointer, atomic_torch_save, find_reversible_core
 from .yacs import add_revvit_config, build_revmvit_fpn_backbone, build_revvit_sfp_backbone
 
 __all__ = [
+    "HybridStem",
     "LastLevelMaxPool",
     "RevMViTBackbone",
     "RevSimpleFeaturePyramid",

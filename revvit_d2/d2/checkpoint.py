@@ -36,6 +36,15 @@ _CLASSIFIER_ONLY = ("head.", "norm.")
 _DETECTOR_ONLY = ("out_norms.",)
 
 
+def _replaced_patch_projection(core: nn.Module) -> Tuple[str, ...]:
+    """("patch_embed.proj.",) when the core's patch projection is not the official convolution
+    (e.g. a :class:`~revvit_d2.d2.HybridStem`), else ()."""
+    proj = getattr(getattr(core, "patch_embed", None), "proj", None)
+    if proj is None or isinstance(proj, (nn.Conv2d, nn.Conv3d)):
+        return ()
+    return ("patch_embed.proj.",)
+
+
 def find_reversible_core(model: nn.Module) -> Tuple[str, nn.Module]:
     """The (name, module) of the single Rev-ViT / Rev-MViT inside a detector."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, (RevViT, RevMViT))]
@@ -173,9 +182,12 @@ class RevvitCheckpointer(AtomicSaveMixin, DetectionCheckpointer):
                            ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
                                      for k in mismatched))
         # Only the classifier (head, final norm) may be left over, and only the detector's own
-        # per-level norms may be absent: anything else means a checkpoint of another model.
-        bad_unused = [k for k in unused if not k.startswith(_CLASSIFIER_ONLY)]
-        bad_missing = [k for k in not_in_ckpt if not k.startswith(_DETECTOR_ONLY)]
+        # per-level norms may be absent: anything else means a checkpoint of another model. A
+        # backbone whose patch projection was replaced by a stem (HybridStem) trains that stem
+        # from its own init: the official projection is left over and the stem is absent.
+        stem = _replaced_patch_projection(core)
+        bad_unused = [k for k in unused if not k.startswith(_CLASSIFIER_ONLY + stem)]
+        bad_missing = [k for k in not_in_ckpt if not k.startswith(_DETECTOR_ONLY + stem)]
         if bad_unused or bad_missing or mismatched:
             raise CheckpointMismatchError(bad_missing, bad_unused,
                                           [(k, sd[k].shape, own[k].shape) for k in mismatched])

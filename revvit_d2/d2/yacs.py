@@ -13,7 +13,8 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN
 
 from ..modeling.variants import get_model_kwargs
-from .backbone import LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid, RevViTBackbone
+from .backbone import (HybridStem, LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid,
+                       RevViTBackbone)
 
 __all__ = ["add_revvit_config", "build_revvit_sfp_backbone", "build_revmvit_fpn_backbone"]
 
@@ -34,6 +35,14 @@ def add_revvit_config(cfg):
     cfg.MODEL.REVVIT.GLOBAL_BLOCK_INDEXES = []
     cfg.MODEL.REVVIT.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
     cfg.MODEL.REVVIT.SQUARE_PAD = 0
+    # Optional HybridStem instead of the patch projection (not in the official Rev-ViT); its
+    # stride, 4 x 2 per stage after the first, must equal the variant's patch size (16 here).
+    cfg.MODEL.REVVIT.HYBRID_STEM = CN()
+    cfg.MODEL.REVVIT.HYBRID_STEM.ENABLED = False
+    cfg.MODEL.REVVIT.HYBRID_STEM.STEM_CHANNELS = 64
+    cfg.MODEL.REVVIT.HYBRID_STEM.STAGE_CHANNELS = [64, 128, 256]
+    cfg.MODEL.REVVIT.HYBRID_STEM.BLOCKS_PER_STAGE = 2
+    cfg.MODEL.REVVIT.HYBRID_STEM.NORM = "GN"
     # Rev-MViT + FPN
     cfg.MODEL.REVVIT.OUT_FEATURES = ["scale2", "scale3", "scale4", "scale5"]
     return cfg
@@ -54,6 +63,11 @@ def build_revvit_sfp_backbone(cfg, input_shape: ShapeSpec):
     kwargs = _core_kwargs(c)
     kwargs.update(img_size=c.IMG_SIZE, window_size=c.WINDOW_SIZE,
                   global_block_indexes=tuple(c.GLOBAL_BLOCK_INDEXES))
+    h = c.HYBRID_STEM
+    if h.ENABLED:
+        kwargs["stem"] = HybridStem(out_channels=kwargs["embed_dim"], stem_channels=h.STEM_CHANNELS,
+                                    stage_channels=tuple(h.STAGE_CHANNELS),
+                                    blocks_per_stage=h.BLOCKS_PER_STAGE, norm=h.NORM)
     net = RevViTBackbone(**kwargs)
     return RevSimpleFeaturePyramid(
         net=net, in_feature="last_feat", out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
