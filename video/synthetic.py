@@ -30,15 +30,15 @@ Generation is deterministic (one seeded RNG per video; frames converted to YUV 4
 encoded with FFmpeg's single-threaded ``mpeg4`` encoder, so files are byte-identical from run to
 run) and idempotent.
 """
-import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
 import numpy as np
+
+from revvit_d2.data.generated import generate_once
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ __all__ = [
 ]
 
 MOTION_CLASSES = ("move_up", "move_down", "grow", "shrink")
-_MARKER = ".complete"
-_IN_PROGRESS = ".in_progress"
 _FORMAT_VERSION = 1
 
 
@@ -191,11 +189,12 @@ def make_synthetic_kinetics(root: Union[str, os.PathLike], train_per_class: int 
                             codec: str = "mpeg4") -> Path:
     """Write (once) the synthetic motion dataset described in the module docstring.
 
-    Idempotent: a ``.complete`` marker holding the parameters is written last. If it exists with
-    the same parameters nothing is done; otherwise (other parameters, or an interrupted earlier
-    run, recognised by its ``.in_progress`` marker) everything is rewritten. A folder holding
-    ``train/`` or ``val/`` without either marker was not made here and is left alone
-    (``FileExistsError``).
+    Idempotent and safe across processes (:func:`revvit_d2.data.generated.generate_once`): a
+    ``.complete`` marker holding the parameters is written last, under a file lock. If it exists
+    with the same parameters nothing is done; otherwise (other parameters, or an interrupted
+    earlier run, recognised by its ``.in_progress`` marker) everything is rewritten. A folder
+    holding ``train/``, ``val/``, the list files or ``classes.txt`` without either marker was not
+    made here and is left alone (``FileExistsError``).
 
     Args:
         root: output folder.
@@ -215,51 +214,34 @@ def make_synthetic_kinetics(root: Union[str, os.PathLike], train_per_class: int 
                   train_per_class=int(train_per_class), val_per_class=int(val_per_class),
                   num_frames=int(num_frames), fps=int(fps), size=[w, h], seed=int(seed),
                   codec=codec)
-    marker = root / _MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == params:
-                return root
-        except ValueError:
-            pass
-    elif not (root / _IN_PROGRESS).exists():
-        for split in ("train", "val"):
-            if (root / split).exists():
-                raise FileExistsError(
-                    f"{root / split} exists but {root} was not made by make_synthetic_kinetics "
-                    f"(no {_MARKER} or {_IN_PROGRESS} marker); refusing to overwrite it")
     if num_frames < 2:
         raise ValueError(f"num_frames must be >= 2, got {num_frames}")
-
-    root.mkdir(parents=True, exist_ok=True)
-    (root / _IN_PROGRESS).write_text(json.dumps(params))
-    if marker.exists():
-        marker.unlink()
-    for split in ("train", "val"):
-        shutil.rmtree(root / split, ignore_errors=True)
-        (root / f"{split}.csv").unlink(missing_ok=True)
     counts: Dict[str, int] = {}
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        lines = []
-        for label, motion in enumerate(MOTION_CLASSES):
-            folder = root / split / motion
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                rng = random.Random(f"revvit-kinetics-synthetic-{seed}-{split}-{motion}-{i}")
-                frames = render_video(motion, rng, num_frames, (w, h))
-                rel = f"{split}/{motion}/{motion}_{i:04d}.mp4"
-                write_video(root / rel, frames, fps=fps, codec=codec)
-                lines.append(f"{rel} {label}")
-        # Interleave the classes so that a prefix of the list is balanced (handy for subsets).
-        per = max(1, per_class)
-        lines = [lines[c * per + i] for i in range(per_class) for c in range(len(MOTION_CLASSES))]
-        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
-        counts[split] = len(lines)
-    (root / "classes.txt").write_text("\n".join(MOTION_CLASSES) + "\n")
-    marker.write_text(json.dumps(params, sort_keys=True))
-    (root / _IN_PROGRESS).unlink()
+
+    def generate():
+        for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+            lines = []
+            for label, motion in enumerate(MOTION_CLASSES):
+                folder = root / split / motion
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    rng = random.Random(f"revvit-kinetics-synthetic-{seed}-{split}-{motion}-{i}")
+                    frames = render_video(motion, rng, num_frames, (w, h))
+                    rel = f"{split}/{motion}/{motion}_{i:04d}.mp4"
+                    write_video(root / rel, frames, fps=fps, codec=codec)
+                    lines.append(f"{rel} {label}")
+            # Interleave the classes so that a prefix of the list is balanced (for subsets).
+            per = max(1, per_class)
+            lines = [lines[c * per + i] for i in range(per_class)
+                     for c in range(len(MOTION_CLASSES))]
+            (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+            counts[split] = len(lines)
+        (root / "classes.txt").write_text("\n".join(MOTION_CLASSES) + "\n")
+
+    owned = ("train", "val", "train.csv", "val.csv", "classes.txt")
+    if not generate_once(root, params, owned, "make_synthetic_kinetics", generate):
+        return root
     logger.info("wrote synthetic Kinetics-layout dataset %s: %d classes (%s), %d train + %d val "
                 "videos of %d frames at %d fps, %dx%d", root, len(MOTION_CLASSES),
                 ", ".join(MOTION_CLASSES), counts["train"], counts["val"], num_frames, fps, w, h)
     return root
-

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 import weakref
@@ -40,6 +39,7 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .generated import generate_once
 from .imagefolder import default_datasets_root
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,6 @@ __all__ = [
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
 DEFAULT_NAMES = ("revvit_shapes_train", "revvit_shapes_val")
 _FORMAT_VERSION = 1
-_MARKER = ".complete"
-_IN_PROGRESS = ".in_progress"
-_LOCK = ".lock"
 _OWNED = ("train", "val", "annotations", "stats.json")
 _SPLIT_CODE = {"train": 1, "val": 2}
 
@@ -319,19 +316,6 @@ def _paths(root: Path) -> Dict[str, Path]:
     }
 
 
-def _is_complete(root: Path, params: dict) -> bool:
-    marker = root / _MARKER
-    if not marker.is_file():
-        return False
-    try:
-        if json.loads(marker.read_text()) != params:
-            return False
-    except ValueError:
-        return False
-    p = _paths(root)
-    return p["train_json"].is_file() and p["val_json"].is_file()
-
-
 def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 1000,
                         num_val: int = 200, seed: int = 0,
                         image_size: Tuple[int, int] = (128, 144),
@@ -359,19 +343,17 @@ def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 1000,
     fewer than ``min_area`` visible pixels are dropped. Image ``i`` of a split depends only on
     ``(seed, split, i)``.
 
-    Idempotent and safe across processes: the work is done under a file lock
-    (``root/.lock``); a ``.complete`` marker holding the parameters is written last. With the
-    same parameters nothing is done; with other parameters, or after an interrupted run
-    (``.in_progress`` marker), the dataset is rewritten from scratch. A ``root`` holding
-    ``train/``, ``val/`` or ``annotations/`` without either marker was not made here and is left
-    alone (``FileExistsError``).
+    Idempotent and safe across processes (:func:`revvit_d2.data.generated.generate_once`): the
+    work is done under a file lock (``root/.lock``); a ``.complete`` marker holding the
+    parameters is written last. With the same parameters nothing is done; with other
+    parameters, or after an interrupted run (``.in_progress`` marker), the dataset is rewritten
+    from scratch. A ``root`` holding ``train/``, ``val/``, ``annotations/`` or ``stats.json``
+    without either marker was not made here and is left alone (``FileExistsError``).
 
     Returns:
         dict of paths: ``root``, ``train_images``, ``val_images``, ``train_json``,
         ``val_json``, ``stats``.
     """
-    from filelock import FileLock
-
     root = Path(root)
     lo, hi = int(image_size[0]), int(image_size[1])
     if not 32 <= lo <= hi:
@@ -391,36 +373,18 @@ def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 1000,
                   min_area=int(min_area), quality=int(quality), classes=list(CLASSES),
                   background=background)
     paths = _paths(root)
-    if _is_complete(root, params):  # fast path, no lock needed to read a finished dataset
-        return paths
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / _LOCK)):
-        if _is_complete(root, params):  # another process finished it while we waited
-            return paths
-        marker, in_progress = root / _MARKER, root / _IN_PROGRESS
-        if not marker.exists() and not in_progress.exists():
-            for name in ("train", "val", "annotations"):
-                if (root / name).exists():
-                    raise FileExistsError(
-                        f"{root / name} exists but {root} was not made by make_synthetic_coco "
-                        f"(no {_MARKER} or {_IN_PROGRESS} marker); refusing to overwrite it")
-        t0 = time.perf_counter()
-        in_progress.write_text(json.dumps(params))
-        if marker.exists():
-            marker.unlink()
-        for name in _OWNED:
-            p = root / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+    t0 = time.perf_counter()
+
+    def generate():
         (root / "annotations").mkdir()
         stats: dict = {}
         _generate_split(root, "train", params["num_train"], params, stats)
         _generate_split(root, "val", params["num_val"], params, stats)
         paths["stats"].write_text(json.dumps(stats, indent=1))
-        marker.write_text(json.dumps(params, sort_keys=True))
-        in_progress.unlink()
+
+    required = [str(paths[k].relative_to(root)) for k in ("train_json", "val_json")]
+    if not generate_once(root, params, _OWNED, "make_synthetic_coco", generate, required):
+        return paths
     logger.info("wrote synthetic COCO shapes to %s in %.1fs (%d train / %d val images)",
                 root, time.perf_counter() - t0, num_train, num_val)
     return paths

@@ -12,18 +12,18 @@ corruption-tolerant ``ImageFolder``.
   sample is dropped from its batch and reported back (``batch["skipped"]``) so the caller can log
   and count it, whatever the number of loader workers.
 """
-import json
 import logging
 import math
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .generated import generate_once
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ __all__ = [
 # Class folders sort (as ImageFolder sorts them) in this order, so folder i is label i.
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes", "checker", "star",
           "crescent", "dots")
-_MARKER = ".complete"
-_IN_PROGRESS = ".in_progress"
 _FORMAT_VERSION = 1
 
 
@@ -168,11 +166,12 @@ def make_synthetic_imagefolder(root: Union[str, os.PathLike], num_classes: int =
     are drawn independently from ``image_size`` (inclusive range); the class is the shape, drawn
     with a random position, scale and contrasting colours.
 
-    Idempotent: a ``.complete`` marker holding the parameters is written last. If it exists with
-    the same parameters nothing is done; otherwise (other parameters, or an interrupted earlier
-    run, recognised by its ``.in_progress`` marker) ``train/`` and ``val/`` are rewritten from
-    scratch. A folder holding ``train/`` or ``val/`` without either marker was not made here and
-    is left alone (``FileExistsError``).
+    Idempotent and safe across processes (:func:`revvit_d2.data.generated.generate_once`): a
+    ``.complete`` marker holding the parameters is written last, under a file lock. If it exists
+    with the same parameters nothing is done; otherwise (other parameters, or an interrupted
+    earlier run, recognised by its ``.in_progress`` marker) ``train/`` and ``val/`` are rewritten
+    from scratch. A folder holding ``train/`` or ``val/`` without either marker was not made here
+    and is left alone (``FileExistsError``).
 
     Returns:
         ``Path(root)``.
@@ -188,36 +187,20 @@ def make_synthetic_imagefolder(root: Union[str, os.PathLike], num_classes: int =
     params = dict(version=_FORMAT_VERSION, num_classes=num_classes,
                   train_per_class=train_per_class, val_per_class=val_per_class,
                   image_size=[lo, hi], seed=seed, quality=quality)
-    marker = root / _MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == params:
-                return root
-        except ValueError:
-            pass
-    elif not (root / _IN_PROGRESS).exists():
-        for split in ("train", "val"):
-            if (root / split).exists():
-                raise FileExistsError(
-                    f"{root / split} exists but {root} was not made by make_synthetic_imagefolder "
-                    f"(no {_MARKER} or {_IN_PROGRESS} marker); refusing to overwrite it")
 
-    root.mkdir(parents=True, exist_ok=True)
-    (root / _IN_PROGRESS).write_text(json.dumps(params))
-    if marker.exists():
-        marker.unlink()
-    for split in ("train", "val"):
-        shutil.rmtree(root / split, ignore_errors=True)
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(num_classes):
-            folder = root / split / _class_dir(c)
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                rng = random.Random(f"revvit-synthetic-{seed}-{split}-{c}-{i}")
-                img = _render(SHAPES[c], rng, (lo, hi))
-                img.save(folder / f"syn_{split}_{c:02d}_{i:04d}.JPEG", "JPEG", quality=quality)
-    marker.write_text(json.dumps(params, sort_keys=True))
-    (root / _IN_PROGRESS).unlink()
+    def generate():
+        for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+            for c in range(num_classes):
+                folder = root / split / _class_dir(c)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    rng = random.Random(f"revvit-synthetic-{seed}-{split}-{c}-{i}")
+                    img = _render(SHAPES[c], rng, (lo, hi))
+                    img.save(folder / f"syn_{split}_{c:02d}_{i:04d}.JPEG", "JPEG",
+                             quality=quality)
+
+    if not generate_once(root, params, ("train", "val"), "make_synthetic_imagefolder", generate):
+        return root
     logger.info("wrote synthetic ImageNet-layout folder %s (%d classes, %d train + %d val images)",
                 root, num_classes, num_classes * train_per_class, num_classes * val_per_class)
     return root
