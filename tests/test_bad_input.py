@@ -154,7 +154,7 @@ def test_bad_input_is_one_error_line_and_nothing_half_written(tool, case, inputs
                PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, str(TOOLS / tool), *map(str, args)], cwd=str(work),
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]

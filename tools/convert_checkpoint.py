@@ -8,6 +8,9 @@ atomically.
 
 Example:
     python tools/convert_checkpoint.py REV_VIT_B.pyth rev_vit_b.pth --model rev_vit_b
+
+Expected errors (a missing or unreadable input, a checkpoint that does not fit ``--model``)
+print one ``error:`` line on stderr and exit with status 1 without writing anything.
 """
 import argparse
 import logging
@@ -19,6 +22,7 @@ import torch
 
 import revvit_d2
 from revvit_d2.checkpoint import describe_mapping, detect_format
+from revvit_d2.cli import EXIT_ERROR, ToolError, one_line, print_error
 
 
 def parse_args(argv=None):
@@ -38,15 +42,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not os.path.isfile(args.source):
-        print(f"error: no such checkpoint file: {args.source}", file=sys.stderr)
-        return 2
+        print_error(ToolError(f"no such checkpoint file: {args.source}"))
+        return EXIT_ERROR
     try:
         ckpt = torch.load(args.source, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - empty, truncated or not a checkpoint at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: cannot read checkpoint {args.source}: {type(e).__name__}: {first}",
-              file=sys.stderr)
-        return 1
+        print_error(ToolError(f"cannot read checkpoint {args.source}: {one_line(e)}"))
+        return EXIT_ERROR
     try:
         fmt = detect_format(ckpt) if args.format == "auto" else args.format
         sd = revvit_d2.convert_state_dict(ckpt, fmt)
@@ -58,8 +60,8 @@ def main(argv=None) -> int:
             revvit_d2.load_pretrained(model, sd, fmt="revvit")
             print(f"verified: loads strictly into {args.model}")
     except (KeyError, ValueError, revvit_d2.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print_error(ToolError(str(e)))
+        return EXIT_ERROR
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")

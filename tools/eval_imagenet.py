@@ -15,6 +15,7 @@ unknown config key) print one ``error:`` line on stderr and exit with status 1. 
 when available (``--num-gpus 0`` forces the CPU); --resume, --eval-only and the multi-machine
 options are accepted for compatibility and ignored.
 """
+import importlib.util
 import logging
 import os
 import sys
@@ -23,14 +24,14 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path and importlib.util.find_spec("revvit_d2") is None:
+    sys.path.insert(0, str(REPO_ROOT))  # running from a checkout without `pip install -e .`
+
+from revvit_d2.cli import EXIT_ERROR, ToolError, print_error  # noqa: E402
+
 DEFAULT_CONFIG = "configs/ImageNet/rev_vit_test_eval.py"
-EXIT_ERROR = 1
 
 logger = logging.getLogger("eval_imagenet")
-
-
-class ToolError(Exception):
-    """An expected failure, reported as one line on stderr (no traceback)."""
 
 
 def _quiet_imports():
@@ -335,19 +336,12 @@ def run(args):
 
 def main(argv=None):
     _quiet_imports()
-    if str(REPO_ROOT) not in sys.path:
-        try:
-            import revvit_d2  # noqa: F401
-        except ImportError:
-            sys.path.insert(0, str(REPO_ROOT))
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         run(args)
     except ToolError as e:
-        sys.stdout.flush()
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        print_error(e)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ options (``train.epochs=10``, ``dataloader.train.data_path=...``). The last line
 with ``* Top-1``; expected errors (missing data, a bad config key, a checkpoint of another model)
 print one ``error:`` line on stderr and exit with status 1.
 """
+import importlib.util
 import logging
 import os
 import sys
@@ -21,14 +22,14 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path and importlib.util.find_spec("revvit_video") is None:
+    sys.path.insert(0, str(REPO_ROOT))  # running from a checkout without `pip install -e .`
+
+from revvit_d2.cli import EXIT_ERROR, ToolError, launch_guarded, print_error  # noqa: E402
+
 DEFAULT_CONFIG = "configs/Kinetics/rev_mvit_test_synthetic.py"
-EXIT_ERROR = 1
 
 logger = logging.getLogger("run_video")
-
-
-class ToolError(Exception):
-    """An expected failure, reported as one line on stderr (no traceback)."""
 
 
 def _quiet_warnings():
@@ -349,31 +350,9 @@ def main(args):
     return do_train(args, cfg, device)
 
 
-def _guarded_main(args):
-    """main() inside each launched process: an expected error becomes one stderr line and exit
-    status 1 instead of a traceback in every process."""
-    try:
-        main(args)
-    except ToolError as e:
-        from detectron2.utils import comm
-
-        sys.stdout.flush()
-        if comm.is_main_process():
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_ERROR)
-
-
 def invoke_main(argv=None) -> int:
     _quiet_warnings()
-    if str(REPO_ROOT) not in sys.path:
-        try:
-            import revvit_video  # noqa: F401
-        except ImportError:  # running from a checkout without `pip install -e .`
-            sys.path.insert(0, str(REPO_ROOT))
     args = build_parser().parse_args(argv)
-    # After one launched process fails, torch logs a warning for each sibling it terminates;
-    # the failure itself is reported (our error line, or the child's traceback).
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -390,28 +369,13 @@ def invoke_main(argv=None) -> int:
         except FileNotFoundError as e:
             raise ToolError(str(e)) from None
         args.config_file = path
-        from detectron2.engine import launch
-
-        launch(_guarded_main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+        return launch_guarded(main, args)
     except ToolError as e:
-        sys.stdout.flush()
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print_error(e)
         return EXIT_ERROR
-    except SystemExit as e:  # a single process exiting with the status of _guarded_main
-        return int(e.code or 0)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001
-        # A launched process that exited with EXIT_ERROR printed its error line already; one
-        # that raised an unexpected exception (ProcessRaisedException) keeps its traceback.
-        if type(e).__name__ == "ProcessExitedException":
-            if getattr(e, "exit_code", None) != EXIT_ERROR:  # killed (a signal, out of memory)
-                print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-            return EXIT_ERROR
-        raise
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from detectron2.engine import (  # noqa: E402
     default_argument_parser,
     default_setup,
     hooks,
-    launch,
 )
 from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
@@ -56,6 +55,8 @@ from detectron2.utils.events import (  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import revvit_d2.data.coco_synthetic as coco_synthetic  # noqa: E402  (registers the datasets)
+from revvit_d2 import CheckpointMismatchError  # noqa: E402
+from revvit_d2.cli import ToolError, launch_guarded  # noqa: E402
 from revvit_d2.d2 import RevvitCheckpointer  # noqa: E402
 from revvit_d2.d2.checkpoint import (  # noqa: E402
     check_start_checkpoint,
@@ -78,10 +79,6 @@ from revvit_d2.d2.sampler import build_resumable_train_loader  # noqa: E402
 
 logger = logging.getLogger("revvit.train_net")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/COCO/mask_rcnn_revvit_synthetic.py"
-
-
-class ToolError(Exception):
-    """An expected failure, reported as one line on stderr."""
 
 
 def do_test(cfg, model):
@@ -262,50 +259,10 @@ def build(cfg_node, what: str):
         raise ToolError(f"cannot build {what}: {type(e).__name__}: {first}") from e
 
 
-def _expected_error(e: BaseException) -> bool:
-    from revvit_d2 import CheckpointMismatchError
-
-    return isinstance(e, (ToolError, FileNotFoundError, CheckpointMismatchError))
-
-
-def _error_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg if isinstance(e, ToolError) else f"{type(e).__name__}: {msg}"
-
-
-def _guarded_main(args):
-    """main() inside each process that ``launch`` starts: an expected error becomes one stderr
-    line (from the main process only) and exit status 1, not a traceback in every process."""
-    try:
-        return main(args)
-    except Exception as e:  # noqa: BLE001 - only the expected kinds are turned into one line
-        if not _expected_error(e):
-            raise
-        sys.stdout.flush()
-        if comm.is_main_process():
-            print(f"error: {_error_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
 def invoke_main() -> int:
     args = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1]).parse_args()
-    # After one launched process fails, torch logs a warning for each sibling it terminates;
-    # the failure itself is reported (our error line, or the child's traceback).
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    try:
-        launch(_guarded_main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except SystemExit as e:  # one process: _guarded_main's status
-        return int(e.code or 0)
-    except Exception as e:  # noqa: BLE001
-        # Several processes: one that exited with status 1 has printed its error line already.
-        # One that raised an unexpected exception (ProcessRaisedException) keeps its traceback.
-        if type(e).__name__ == "ProcessExitedException":
-            if getattr(e, "exit_code", None) != 1:  # killed (a signal, out of memory)
-                print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-            return 1
-        raise
-    return 0
+    return launch_guarded(main, args,
+                          expected=(ToolError, FileNotFoundError, CheckpointMismatchError))
 
 
 if __name__ == "__main__":
