@@ -1,4 +1,5 @@
-"""Error reporting shared by the command-line tools (``tools/*.py``).
+"""Plumbing shared by the command-line tools (``tools/*.py``): error reporting, the parser,
+config loading and import-time warnings.
 
 An expected failure (missing data, a bad config key, a checkpoint of another model...) is one
 ``error:`` line on stderr and exit status 1, never a traceback; with several processes started
@@ -6,10 +7,14 @@ by detectron2's ``launch`` only the main process prints it. Unexpected exception
 traceback. Plain Python: detectron2 is imported only when a launched run needs it.
 """
 import logging
+import os
 import sys
-from typing import Callable, Tuple, Type
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple, Type
 
-__all__ = ["EXIT_ERROR", "ToolError", "one_line", "print_error", "run_guarded", "launch_guarded"]
+__all__ = ["EXIT_ERROR", "ToolError", "one_line", "print_error", "run_guarded", "launch_guarded",
+           "quiet_import_warnings", "tool_parser", "load_tool_config"]
 
 EXIT_ERROR = 1
 
@@ -74,3 +79,53 @@ def launch_guarded(main: Callable, args,
             return EXIT_ERROR
         raise
     return 0
+
+
+def quiet_import_warnings() -> None:
+    """Silence the notices that are noise for a tool's user: torch.jit.script(_method)
+    deprecations raised while detectron2 and pytorchvideo import, and detectron2's environment
+    report saying a CPU machine has no CUDA runtime. ``PYTHONWARNINGS`` carries the filter into
+    spawned processes (``launch``, DataLoader workers), which do not inherit this interpreter's
+    filters."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet = "ignore::FutureWarning:torch.jit._script"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if quiet not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = f"{current},{quiet}" if current else quiet
+
+
+def tool_parser(doc: str, default_config: str):
+    """detectron2's ``default_argument_parser`` described by a tool's docstring (its first line;
+    the rest is the epilog), with the default config file named in ``--config-file``'s help."""
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser(epilog=doc.split("\n\n", 1)[1])
+    parser.description = doc.split("\n", 1)[0]
+    for action in parser._actions:
+        if action.dest == "config_file":
+            action.help = f"path to a LazyConfig file (default: {default_config})"
+    return parser
+
+
+def load_tool_config(config_file: Optional[str], default_config: str, sections: Sequence[str],
+                     opts: Sequence[str], repo_root: Optional[Path] = None,
+                     prepare: Optional[Callable] = None):
+    """Load a tool's LazyConfig: ``config_file`` or ``default_config`` (a relative path that is
+    not a file here is also looked up below ``repo_root``), check that it defines ``sections``,
+    call ``prepare(cfg)`` (defaults, option shortcuts), then apply the ``key=value`` overrides
+    strictly. A config error becomes a :class:`ToolError`. Returns ``(cfg, path)``."""
+    from revvit_d2.d2.lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
+
+    path = str(config_file or default_config)
+    if repo_root is not None and not os.path.isfile(path) and not os.path.isabs(path) \
+            and (Path(repo_root) / path).is_file():
+        path = str(Path(repo_root) / path)
+    try:
+        cfg = load_lazy_config(path, tuple(sections))
+        if prepare is not None:
+            prepare(cfg)
+        return apply_overrides_strict(cfg, list(opts)), path
+    except ConfigError as e:
+        raise ToolError(str(e)) from None

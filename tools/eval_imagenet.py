@@ -20,34 +20,28 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path and importlib.util.find_spec("revvit_d2") is None:
     sys.path.insert(0, str(REPO_ROOT))  # running from a checkout without `pip install -e .`
 
-from revvit_d2.cli import EXIT_ERROR, ToolError, print_error  # noqa: E402
+from revvit_d2.cli import (  # noqa: E402
+    EXIT_ERROR,
+    ToolError,
+    load_tool_config,
+    print_error,
+    quiet_import_warnings,
+    tool_parser,
+)
 
 DEFAULT_CONFIG = "configs/ImageNet/rev_vit_test_eval.py"
 
 logger = logging.getLogger("eval_imagenet")
 
 
-def _quiet_imports():
-    # torch.jit.script deprecation notices raised while detectron2 imports are noise here.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 def build_parser():
-    from detectron2.engine import default_argument_parser
-
-    parser = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1])
-    parser.description = __doc__.split("\n", 1)[0]
-    for action in parser._actions:
-        if action.dest == "config_file":
-            action.help = f"path to a LazyConfig file (default: {DEFAULT_CONFIG})"
+    parser = tool_parser(__doc__, DEFAULT_CONFIG)
     parser.add_argument("--checkpoint", default=None, metavar="FILE",
                         help="shortcut for eval.checkpoint=FILE ('none' for random weights)")
     parser.add_argument("--data", default=None, metavar="DIR",
@@ -74,13 +68,7 @@ def setup_logging():
 def load_config(args):
     from omegaconf import OmegaConf
 
-    from revvit_d2.d2.lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
-
-    path = args.config_file or DEFAULT_CONFIG
-    if not os.path.isfile(path) and not os.path.isabs(path) and (REPO_ROOT / path).is_file():
-        path = str(REPO_ROOT / path)
-    try:
-        cfg = load_lazy_config(path, ("model", "eval"))
+    def shortcuts(cfg):
         if args.checkpoint is not None:
             value = None if args.checkpoint.lower() in ("", "none", "null") else args.checkpoint
             OmegaConf.update(cfg, "eval.checkpoint", value, merge=True)
@@ -88,9 +76,9 @@ def load_config(args):
             OmegaConf.update(cfg, "eval.data", args.data, merge=True)
         if args.max_images is not None:
             OmegaConf.update(cfg, "eval.max_images", args.max_images, merge=True)
-        return apply_overrides_strict(cfg, args.opts), path
-    except ConfigError as e:
-        raise ToolError(str(e)) from None
+
+    return load_tool_config(args.config_file, DEFAULT_CONFIG, ("model", "eval"), args.opts,
+                            REPO_ROOT, prepare=shortcuts)
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,7 +323,7 @@ def run(args):
 
 
 def main(argv=None):
-    _quiet_imports()
+    quiet_import_warnings()
     args = build_parser().parse_args(argv)
     setup_logging()
     try:

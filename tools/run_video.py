@@ -18,44 +18,31 @@ import importlib.util
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path and importlib.util.find_spec("revvit_video") is None:
     sys.path.insert(0, str(REPO_ROOT))  # running from a checkout without `pip install -e .`
 
-from revvit_d2.cli import EXIT_ERROR, ToolError, launch_guarded, print_error  # noqa: E402
+from revvit_d2.cli import (  # noqa: E402
+    EXIT_ERROR,
+    ToolError,
+    launch_guarded,
+    load_tool_config,
+    print_error,
+    quiet_import_warnings,
+    tool_parser,
+)
 
 DEFAULT_CONFIG = "configs/Kinetics/rev_mvit_test_synthetic.py"
 
 logger = logging.getLogger("run_video")
 
 
-def _quiet_warnings():
-    # Deprecation notices from torch.jit.script(_method) raised while detectron2 and
-    # pytorchvideo import are noise for users of this tool. The environment variable carries
-    # the filter into spawned processes (launch(), DataLoader workers), which do not inherit
-    # the filters of this interpreter.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    # default_setup's environment report imports it; "no CUDA runtime" is no news on a CPU.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    quiet = "ignore::FutureWarning:torch.jit._script"
-    current = os.environ.get("PYTHONWARNINGS", "")
-    if quiet not in current.split(","):
-        os.environ["PYTHONWARNINGS"] = f"{current},{quiet}" if current else quiet
-
-
 def build_parser():
-    from detectron2.engine import default_argument_parser
-
-    parser = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1])
-    parser.description = __doc__.split("\n", 1)[0]
+    parser = tool_parser(__doc__, DEFAULT_CONFIG)
     for action in parser._actions:
-        if action.dest == "config_file":
-            action.help = f"path to a LazyConfig file (default: {DEFAULT_CONFIG})"
-        elif action.dest == "num_gpus":
+        if action.dest == "num_gpus":
             action.help = ("processes per machine: one per GPU, or CPU processes (gloo) when "
                            "CUDA is not available")
     return parser
@@ -66,18 +53,10 @@ def build_parser():
 # ------------------------------------------------------------------------------------------
 def load_config(args):
     from revvit_d2.d2.determinism import add_seed_keys
-    from revvit_d2.d2.lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
 
-    path = args.config_file or DEFAULT_CONFIG
-    if not os.path.isfile(path) and not os.path.isabs(path) and (REPO_ROOT / path).is_file():
-        path = str(REPO_ROOT / path)
-    try:
-        cfg = load_lazy_config(path, ("model", "dataloader", "optimizer", "lr_multiplier",
-                                      "train"))
-        add_seed_keys(cfg.train)
-        return apply_overrides_strict(cfg, args.opts), path
-    except ConfigError as e:
-        raise ToolError(str(e)) from None
+    return load_tool_config(args.config_file, DEFAULT_CONFIG,
+                            ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
+                            args.opts, REPO_ROOT, prepare=lambda cfg: add_seed_keys(cfg.train))
 
 
 def prepare_data(cfg, eval_only: bool):
@@ -351,7 +330,7 @@ def main(args):
 
 
 def invoke_main(argv=None) -> int:
-    _quiet_warnings()
+    quiet_import_warnings()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(asctime)s %(name)s] %(levelname)s %(message)s",

@@ -56,7 +56,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import revvit_d2.data.coco_synthetic as coco_synthetic  # noqa: E402  (registers the datasets)
 from revvit_d2 import CheckpointMismatchError  # noqa: E402
-from revvit_d2.cli import ToolError, launch_guarded  # noqa: E402
+from revvit_d2.cli import ToolError, launch_guarded, load_tool_config  # noqa: E402
 from revvit_d2.d2 import RevvitCheckpointer  # noqa: E402
 from revvit_d2.d2.checkpoint import (  # noqa: E402
     check_start_checkpoint,
@@ -69,11 +69,6 @@ from revvit_d2.d2.determinism import (  # noqa: E402
     resolve_seed,
     saved_run_state,
     set_deterministic,
-)
-from revvit_d2.d2.lazyconfig import (  # noqa: E402
-    ConfigError,
-    apply_overrides_strict,
-    load_lazy_config,
 )
 from revvit_d2.d2.sampler import build_resumable_train_loader  # noqa: E402
 
@@ -195,13 +190,10 @@ def _writers(output_dir, max_iter, log_period):
 
 
 def _load_config(args):
-    try:
-        cfg = load_lazy_config(args.config_file or str(DEFAULT_CONFIG),
-                               ("model", "dataloader", "optimizer", "lr_multiplier", "train"))
-        add_seed_keys(cfg.train)
-        return apply_overrides_strict(cfg, args.opts)
-    except ConfigError as e:
-        raise ToolError(str(e)) from None
+    cfg, _ = load_tool_config(args.config_file, str(DEFAULT_CONFIG),
+                              ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
+                              args.opts, prepare=lambda c: add_seed_keys(c.train))
+    return cfg
 
 
 def _dataset_names(cfg):
