@@ -118,15 +118,17 @@ def _detection_config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_detection_resume_after_sigkill_repeats_the_losses(tmp_path):
+@pytest.mark.parametrize("num_gpus", [1, 2])  # 2: two gloo processes, one image each
+def test_detection_resume_after_sigkill_repeats_the_losses(tmp_path, num_gpus):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    config = ["--config-file", _detection_config(tmp_path)]
+    config = ["--config-file", _detection_config(tmp_path), "--num-gpus", num_gpus]
     _finish(_start(TRAIN_NET, config + DETECTION + [f"train.output_dir={full}"], tmp_path))
     args = config + DETECTION + [f"train.output_dir={killed}"]
     at = _run_and_kill(TRAIN_NET, args, killed, tmp_path, after=3)
     assert 3 <= at < 7
     log = _finish(_start(TRAIN_NET, ["--resume"] + args, tmp_path))
     assert f"Starting training from iteration {at + 1}" in log
+    assert f"World size: {num_gpus}" in log
     _assert_resumed_like_uninterrupted(full, killed, at, 8)
 
 
