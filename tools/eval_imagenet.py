@@ -15,18 +15,13 @@ unknown config key) print one ``error:`` line on stderr and exit with status 1. 
 when available (``--num-gpus 0`` forces the CPU); --resume, --eval-only and the multi-machine
 options are accepted for compatibility and ignored.
 """
-import importlib.util
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path and importlib.util.find_spec("revvit_d2") is None:
-    sys.path.insert(0, str(REPO_ROOT))  # running from a checkout without `pip install -e .`
-
-from revvit_d2.cli import (  # noqa: E402
+from revvit_d2.cli import (
     EXIT_ERROR,
     ToolError,
     load_tool_config,
@@ -35,6 +30,7 @@ from revvit_d2.cli import (  # noqa: E402
     tool_parser,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/ImageNet/rev_vit_test_eval.py"
 
 logger = logging.getLogger("eval_imagenet")

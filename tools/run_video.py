@@ -14,17 +14,12 @@ options (``train.epochs=10``, ``dataloader.train.data_path=...``). The last line
 with ``* Top-1``; expected errors (missing data, a bad config key, a checkpoint of another model)
 print one ``error:`` line on stderr and exit with status 1.
 """
-import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path and importlib.util.find_spec("revvit_video") is None:
-    sys.path.insert(0, str(REPO_ROOT))  # running from a checkout without `pip install -e .`
-
-from revvit_d2.cli import (  # noqa: E402
+from revvit_d2.cli import (
     EXIT_ERROR,
     ToolError,
     launch_guarded,
@@ -34,6 +29,7 @@ from revvit_d2.cli import (  # noqa: E402
     tool_parser,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/Kinetics/rev_mvit_test_synthetic.py"
 
 logger = logging.getLogger("run_video")
