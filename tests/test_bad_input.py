@@ -32,8 +32,8 @@ SETUP_FILES = {"config.yaml", "log.txt"}  # written by detectron2's default_setu
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from revvit_d2.data.imagefolder import make_synthetic_imagefolder
-    from revvit_video.synthetic import make_synthetic_kinetics
+    from revvit_d2.data.synthetic.imagenet import make_synthetic_imagefolder
+    from revvit_d2.data.synthetic.kinetics import make_synthetic_kinetics
 
     root = tmp_path_factory.mktemp("inputs")
     videos = make_synthetic_kinetics(root / "ks", train_per_class=1, val_per_class=1,

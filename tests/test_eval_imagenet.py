@@ -15,13 +15,12 @@ from PIL import Image
 
 from revvit_d2 import create_model, get_pretrained_cfg, load_pretrained
 from revvit_d2.data.imagefolder import (
-    SHAPES,
     SafeImageFolder,
     build_eval_loader,
     build_eval_transform,
     eval_transform_from_cfg,
-    make_synthetic_imagefolder,
 )
+from revvit_d2.data.synthetic.imagenet import SHAPES, make_synthetic_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "eval_imagenet.py"
@@ -84,7 +83,7 @@ def test_synthetic_folder_deterministic_and_idempotent(tmp_path, monkeypatch):
     assert [t for _, t in ds.samples] == [i for i in range(10) for _ in range(3)]
 
     # Second call with the same parameters: nothing is rendered or written.
-    import revvit_d2.data.imagefolder as mod
+    import revvit_d2.data.synthetic.imagenet as mod
 
     stamp = {f: (a / f).stat().st_mtime_ns for f in files}
     monkeypatch.setattr(mod, "_render", lambda *a, **k: pytest.fail("re-rendered"))

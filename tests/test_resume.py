@@ -134,7 +134,7 @@ def test_detection_resume_after_sigkill_repeats_the_losses(tmp_path, num_gpus):
 
 @pytest.mark.slow
 def test_video_resume_after_sigkill_mid_epoch_repeats_the_losses(tmp_path):
-    from revvit_video.synthetic import make_synthetic_kinetics
+    from revvit_d2.data.synthetic.kinetics import make_synthetic_kinetics
 
     data = make_synthetic_kinetics(tmp_path / "ks", train_per_class=4, val_per_class=1,
                                    num_frames=16, fps=16, size=(64, 48))
@@ -254,7 +254,7 @@ def test_detection_loader_restarts_at_any_iteration(workers):
 
 def test_video_loader_state_resumes_inside_an_epoch(tmp_path):
     from revvit_video.data import build_kinetics_train_loader
-    from revvit_video.synthetic import make_synthetic_kinetics
+    from revvit_d2.data.synthetic.kinetics import make_synthetic_kinetics
 
     data = make_synthetic_kinetics(tmp_path / "ks", train_per_class=2, val_per_class=1,
                                    num_frames=8, fps=16, size=(48, 36))

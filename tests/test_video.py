@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import revvit_d2
+from revvit_d2.data.synthetic.kinetics import MOTION_CLASSES, make_synthetic_kinetics
 from revvit_video import (
     RevVideoNet,
     create_rev_mvit,
@@ -22,7 +23,6 @@ from revvit_video import (
     rev_mvit_video_test,
 )
 from revvit_video.hub import _REV_MVIT_VIDEO_TEST
-from revvit_video.synthetic import MOTION_CLASSES, make_synthetic_kinetics
 
 from conftest import load_oracle
 
@@ -224,7 +224,7 @@ def test_synthetic_dataset_layout_determinism_and_idempotence(tmp_path, tiny_vid
     assert files == sorted(p.relative_to(other) for p in other.rglob("*.mp4"))
     assert all((root / f).read_bytes() == (other / f).read_bytes() for f in files)
 
-    import revvit_video.synthetic as mod
+    import revvit_d2.data.synthetic.kinetics as mod
 
     monkeypatch.setattr(mod, "render_video", lambda *a, **k: pytest.fail("regenerated"))
     assert make_synthetic_kinetics(other, **TINY_DATA) == other  # complete: nothing to do

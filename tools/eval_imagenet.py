@@ -81,7 +81,7 @@ def load_config(args):
 # Data, model, checkpoint
 # ------------------------------------------------------------------------------------------
 def prepare_data(data):
-    from revvit_d2.data.imagefolder import default_synthetic_root, make_synthetic_imagefolder
+    from revvit_d2.data.synthetic.imagenet import default_synthetic_root, make_synthetic_imagefolder
 
     if data is None or str(data).strip() == "":
         raise ToolError("eval.data is not set (an ImageFolder directory: <data>/<class>/<image>)")

@@ -59,7 +59,7 @@ def prepare_data(cfg, eval_only: bool):
     """Check the configured video lists; generate the built-in synthetic dataset when a list
     is its default location and it does not exist yet."""
     from revvit_video.data import read_video_list
-    from revvit_video.synthetic import default_synthetic_root, make_synthetic_kinetics
+    from revvit_d2.data.synthetic.kinetics import default_synthetic_root, make_synthetic_kinetics
 
     splits = ("test",) if eval_only else ("train", "test")
     synthetic = default_synthetic_root().resolve()

@@ -54,7 +54,7 @@ from detectron2.utils.events import (  # noqa: E402
 )
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-import revvit_d2.data.coco_synthetic as coco_synthetic  # noqa: E402  (registers the datasets)
+import revvit_d2.d2.data as coco_synthetic  # noqa: E402  (registers the datasets)
 from revvit_d2 import CheckpointMismatchError  # noqa: E402
 from revvit_d2.cli import ToolError, launch_guarded, load_tool_config  # noqa: E402
 from revvit_d2.d2 import RevvitCheckpointer  # noqa: E402

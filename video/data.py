@@ -1,9 +1,4 @@
-"""Kinetics-style video data through ``pytorchvideo.data``, decoded with PyAV.
-
-Data format: a Kinetics list file with one ``<path> <label>`` line per video (space separated,
-as the Kinetics releases and SlowFast use; the path may itself contain spaces), or a directory
-``<root>/<class>/<video>.mp4``. Relative paths are taken relative to ``video_path_prefix``,
-which defaults to the folder of the list file.
+"""Kinetics training and test loaders of the official recipe, over :mod:`revvit_video.datasets`.
 
 Sampling (official REV_MVIT_B_16x4; see :mod:`revvit_video.transforms` for the pixels):
 
@@ -22,38 +17,33 @@ always run the same number of steps whatever is skipped. Each epoch reshuffles t
 (``DistributedSampler(seed=...).set_epoch(epoch)``, also in a single process); if unreadable
 videos make the order run out, it is restarted to fill the epoch.
 
-Resume. A training sample is keyed by ``(epoch, position)`` in that order
-(:class:`TrainClipDataset`, a map-style dataset) and made under RNGs seeded from ``(seed, rank,
-epoch, position)``: its clip time, crop and flip do not depend on the DataLoader worker that made
-it. :class:`VideoTrainLoader` batches the samples in the training process and records after each
-batch where it is (``state_dict``: iteration, epoch, position); a run resumed from a checkpoint
-holding that state continues with exactly the batches the uninterrupted run would have had.
+Resume. :class:`VideoTrainLoader` batches the samples of a
+:class:`~revvit_video.datasets.TrainClipDataset` (keyed by ``(epoch, position)``, seeded per
+key) in the training process and records after each batch where it is (``state_dict``:
+iteration, epoch, position); a run resumed from a checkpoint holding that state continues with
+exactly the batches the uninterrupted run would have had.
 
-Faults. pytorchvideo skips a video it cannot open or decode silently and raises after 10
-consecutive failures. :class:`SkipCountingVideoDataset` reports every failure instead: a record
-(path, reason) travels with the next sample (or alone at the end of a pass) through the
-DataLoader workers to the main process, where the loaders log it once per file and count it; the
-consecutive-failure limit is raised to the number of videos so that no run of bad files can stop
-a pass. A failure costs nothing extra: no file is opened twice.
+Faults. Unreadable videos are reported by the datasets (:mod:`revvit_video.datasets`); the
+loaders log each once per file and count them (``loader.skipped``).
+
+The dataset names (``SkipCountingVideoDataset``, ``TrainClipDataset``, ``read_video_list``, ...)
+are importable from here too.
 """
 import functools
 import itertools
 import logging
 import math
-import os
 from fractions import Fraction
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from pytorchvideo.data import make_clip_sampler
+from torch.utils.data import DataLoader, Sampler
 
-from pytorchvideo.data import LabeledVideoDataset, make_clip_sampler
-from pytorchvideo.data.labeled_video_paths import LabeledVideoPaths
-from pytorchvideo.data.video import VideoPathHandler
+from revvit_d2.utils.seeding import derive_seed
 
-from revvit_d2.d2.determinism import derive_seed, seeded_rng
-
+from .datasets import (ShardSampler, SkipCountingVideoDataset, SkipRecord, TrainClipDataset,
+                       collate_video_batch, kinetics_dataset, read_video_list)
 from .transforms import build_test_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -80,13 +70,6 @@ class NoReadableVideoError(RuntimeError):
     """A whole pass over the training list produced no clip (every video is unreadable)."""
 
 
-class SkipRecord(NamedTuple):
-    """A video (or one of its clips) that could not be used, and why."""
-
-    path: str
-    reason: str
-
-
 def clip_duration(num_frames: int, sampling_rate: int, target_fps: float) -> Fraction:
     """Seconds covered by one clip: ``num_frames * sampling_rate`` frames at ``target_fps``."""
     return Fraction(int(num_frames) * int(sampling_rate)) / Fraction(target_fps)
@@ -97,277 +80,6 @@ def _dist_info():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
 
-
-# --------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------
-class _ReportingVideo:
-    """Proxy of a pytorchvideo ``Video`` whose failed ``get_clip`` calls are reported."""
-
-    def __init__(self, video, path: str, report: Callable[[str, str], None]):
-        self._video = video
-        self._path = path
-        self._report = report
-
-    def get_clip(self, start_sec, end_sec):
-        try:
-            clip = self._video.get_clip(start_sec, end_sec)
-        except Exception as e:  # noqa: BLE001 - any decoder error means "skip this video"
-            self._report(self._path, f"decoding [{float(start_sec):.2f}, {float(end_sec):.2f}) s "
-                                     f"failed: {type(e).__name__}: {e}")
-            return {"video": None, "audio": None}
-        if clip is None or clip.get("video") is None:
-            self._report(self._path, f"no frame decoded in [{float(start_sec):.2f}, "
-                                     f"{float(end_sec):.2f}) s of a {float(self.duration):.2f} s "
-                                     f"video (truncated or corrupt)")
-        return clip
-
-    def __getattr__(self, name):
-        return getattr(self._video, name)
-
-
-class _ReportingPathHandler(VideoPathHandler):
-    """``VideoPathHandler`` that reports the files it cannot open (and re-raises, so that
-    pytorchvideo skips them as before)."""
-
-    def __init__(self, report: Callable[[str, str], None]):
-        super().__init__()
-        self._report = report
-
-    def video_from_path(self, filepath, decode_audio=False, decoder="pyav", fps=30):
-        try:
-            if os.path.isfile(filepath) and os.path.getsize(filepath) == 0:
-                raise RuntimeError("empty file")
-            video = super().video_from_path(filepath, decode_audio=decode_audio, decoder=decoder,
-                                            fps=fps)
-            if video.duration is None or float(video.duration) <= 0:
-                video.close()
-                raise RuntimeError(f"no usable duration ({video.duration})")
-        except Exception as e:
-            reason = "file not found" if isinstance(e, FileNotFoundError) else \
-                f"cannot open: {type(e).__name__}: {' '.join(str(e).split())}"
-            self._report(str(filepath), reason)
-            raise
-        return _ReportingVideo(video, str(filepath), self._report)
-
-
-class _ReportingTransform:
-    """Runs the user transform; a transform error skips (and reports) the clip instead of
-    ending the pass (pytorchvideo skips a sample whose transform returns None)."""
-
-    def __init__(self, transform: Callable[[dict], Any], dataset: "_SkipReporting"):
-        self.transform = transform
-        self.dataset = dataset
-
-    def __call__(self, sample: dict):
-        try:
-            return self.transform(sample)
-        except Exception as e:  # noqa: BLE001
-            path = self.dataset.video_path(int(sample.get("video_index", -1)))
-            self.dataset._report(path, f"transform failed: {type(e).__name__}: {e}")
-            return None
-
-
-class _SkipReporting:
-    """Failure records of a dataset (``self.labeled_video_paths``): :meth:`_report` collects
-    them until :meth:`_take_reports` hands them over with the next sample."""
-
-    def _report(self, path: str, reason: str):
-        self._pending.append(SkipRecord(path, reason))
-
-    def _take_reports(self) -> List[SkipRecord]:
-        records, self._pending = self._pending, []
-        return records
-
-    def video_path(self, index: int) -> str:
-        if 0 <= index < len(self.labeled_video_paths):
-            return self.labeled_video_paths[index][0]
-        return "<unknown>"
-
-
-class SkipCountingVideoDataset(_SkipReporting, LabeledVideoDataset):
-    """pytorchvideo's ``LabeledVideoDataset`` (same arguments, same samples) that reports the
-    videos it skips.
-
-    Every sample gets a ``"skipped"`` entry: the :class:`SkipRecord` s of the failures since the
-    previous sample. When a pass ends with failures still pending, one last sample
-    ``{"video": None, "skipped": [...]}`` carries them; :func:`collate_video_batch` drops such
-    samples from the batch and keeps their records. Samples also get ``"video_index"`` (as in
-    pytorchvideo) so that test views can be grouped per video.
-    """
-
-    def __init__(self, labeled_video_paths: LabeledVideoPaths, clip_sampler,
-                 video_sampler=torch.utils.data.RandomSampler,
-                 transform: Optional[Callable[[dict], Any]] = None, decoder: str = "pyav"):
-        wrapped = None if transform is None else _ReportingTransform(transform, self)
-        super().__init__(labeled_video_paths, clip_sampler, video_sampler, transform=wrapped,
-                         decode_audio=False, decoder=decoder)
-        self.labeled_video_paths = labeled_video_paths  # all videos (every rank), in list order
-        self._pending: List[SkipRecord] = []
-        self.video_path_handler = _ReportingPathHandler(self._report)
-        # Each failing video costs one "try"; never give up inside a pass because of a run of
-        # bad files (the sampler ends the pass).
-        self._MAX_CONSECUTIVE_FAILURES = len(labeled_video_paths) + 1
-
-    def __next__(self) -> dict:
-        try:
-            sample = super().__next__()
-        except StopIteration:
-            if self._pending:
-                return {"video": None, "skipped": self._take_reports()}
-            raise
-        sample["skipped"] = self._take_reports()
-        return sample
-
-
-class TrainClipDataset(_SkipReporting, torch.utils.data.Dataset):
-    """Training clips by key ``(epoch, position)``: the video at ``position`` (modulo this
-    rank's share) of the epoch's shuffled order, one clip from the clip sampler, the transform.
-
-    Python, numpy and torch RNGs are seeded from ``(seed, rank, epoch, position)`` for the whole
-    sample (pytorchvideo's random clip sampler draws from ``random``, its crops from torch), so
-    a sample is the same whichever worker makes it and whenever. A video that cannot be opened
-    or decoded, or whose transform fails, gives ``{"video": None, "skipped": [SkipRecord]}``;
-    good samples carry ``"skipped": []`` and the keys of pytorchvideo's samples.
-
-    Args:
-        labeled_video_paths: all videos (every rank), in list order.
-        clip_sampler: a pytorchvideo clip sampler (one clip per video: ``"random"``).
-        transform: sample dict -> sample dict.
-        seed: seed of the orders (``DistributedSampler``) and of the samples.
-        num_replicas, rank: this process's share of each epoch (``DistributedSampler``).
-    """
-
-    def __init__(self, labeled_video_paths: LabeledVideoPaths, clip_sampler,
-                 transform: Optional[Callable[[dict], Any]] = None, *, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, decoder: str = "pyav"):
-        self.labeled_video_paths = labeled_video_paths
-        self.clip_sampler = clip_sampler
-        self.transform = None if transform is None else _ReportingTransform(transform, self)
-        self.seed, self.rank, self.decoder = int(seed), int(rank), decoder
-        self.order_sampler = DistributedSampler(range(len(labeled_video_paths)), num_replicas,
-                                                rank, shuffle=True, seed=int(seed),
-                                                drop_last=False)
-        self._order: Dict[int, List[int]] = {}
-        self._pending: List[SkipRecord] = []
-        self.video_path_handler = _ReportingPathHandler(self._report)
-
-    def __len__(self) -> int:
-        """Videos of this rank per epoch."""
-        return len(self.order_sampler)
-
-    def order(self, epoch: int) -> List[int]:
-        """This rank's video indices for `epoch`."""
-        if epoch not in self._order:
-            self.order_sampler.set_epoch(epoch)
-            self._order = {epoch: list(self.order_sampler)}
-        return self._order[epoch]
-
-    def __getitem__(self, key) -> dict:
-        epoch, position = (int(k) for k in key)
-        order = self.order(epoch)
-        index = order[position % len(order)]
-        self._pending = []
-        with seeded_rng(derive_seed(self.seed, self.rank, epoch, position)):
-            sample = self._clip(index)
-        if sample is None:
-            return {"video": None, "skipped": self._take_reports()}
-        sample["skipped"] = self._take_reports()
-        return sample
-
-    def _clip(self, index: int) -> Optional[dict]:
-        path, info = self.labeled_video_paths[index]
-        try:
-            video = self.video_path_handler.video_from_path(path, decode_audio=False,
-                                                            decoder=self.decoder)
-        except Exception:  # noqa: BLE001 - reported by the path handler
-            return None
-        try:
-            self.clip_sampler.reset()
-            start, end, clip_index, aug_index, _ = self.clip_sampler(0.0, video.duration, info)
-            clip = video.get_clip(start, end)  # failures are reported by _ReportingVideo
-            name = video.name
-        finally:
-            video.close()
-        if clip is None or clip.get("video") is None:
-            return None
-        sample = {"video": clip["video"], "video_name": name, "video_index": index,
-                  "clip_index": clip_index, "aug_index": aug_index, **info}
-        return sample if self.transform is None else self.transform(sample)
-
-
-class ShardSampler(Sampler):
-    """Videos ``rank, rank + world, ...`` in order: each test video on exactly one rank (no
-    padding or duplicates, unlike ``DistributedSampler``)."""
-
-    def __init__(self, data_source, num_replicas: int = 1, rank: int = 0):
-        self.n = len(data_source)
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.num_replicas))
-
-    def __len__(self):
-        return len(range(self.rank, self.n, self.num_replicas))
-
-
-def read_video_list(data_path: str, video_path_prefix: Optional[str] = None) -> LabeledVideoPaths:
-    """Read a Kinetics list file (``<path> <label>`` lines) or a ``<root>/<class>/<video>``
-    directory with pytorchvideo's ``LabeledVideoPaths``, checking it first.
-
-    Raises:
-        FileNotFoundError: `data_path` does not exist.
-        ValueError: the list is empty or has a malformed line.
-    """
-    path = Path(os.path.expanduser(str(data_path)))
-    if not path.exists():
-        raise FileNotFoundError(f"video list not found: {path}")
-    if path.is_file():
-        lines = [l for l in path.read_text().splitlines() if l.strip()]
-        if not lines:
-            raise ValueError(f"video list {path} is empty")
-        for n, line in enumerate(lines, 1):
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{path}:{n}: expected '<path> <integer label>', got {line!r}")
-        if video_path_prefix is None:
-            video_path_prefix = str(path.parent)
-    try:
-        paths = LabeledVideoPaths.from_path(str(path))
-    except AssertionError as e:  # pytorchvideo asserts on an empty folder
-        raise ValueError(f"no videos in {path}: {e}") from None
-    paths.path_prefix = video_path_prefix or ""
-    return paths
-
-
-def kinetics_dataset(data_path: str, clip_sampler, video_sampler=torch.utils.data.RandomSampler,
-                     transform: Optional[Callable[[dict], Any]] = None,
-                     video_path_prefix: Optional[str] = None,
-                     decoder: str = "pyav") -> SkipCountingVideoDataset:
-    """``pytorchvideo.data.Kinetics`` with skip counting (:class:`SkipCountingVideoDataset`);
-    audio is not decoded."""
-    paths = read_video_list(data_path, video_path_prefix)
-    return SkipCountingVideoDataset(paths, clip_sampler, video_sampler, transform, decoder)
-
-
-def collate_video_batch(samples: Sequence[dict]) -> Dict[str, Any]:
-    """Batch samples of :class:`SkipCountingVideoDataset`.
-
-    Returns:
-        ``{"video": (B, C, T, H, W), "label", "video_index", "clip_index", "aug_index": (B,)
-        long tensors, "skipped": [SkipRecord]}``; ``"video"`` and the tensors are None when no
-        sample of the batch has a clip.
-    """
-    skipped = [r for s in samples for r in s.get("skipped", ())]
-    good = [s for s in samples if s.get("video") is not None]
-    out: Dict[str, Any] = {"skipped": skipped}
-    if not good:
-        out.update(video=None, label=None, video_index=None, clip_index=None, aug_index=None)
-        return out
-    out["video"] = torch.stack([s["video"] for s in good])
-    for key in ("label", "video_index", "clip_index", "aug_index"):
-        out[key] = torch.as_tensor([int(s.get(key, 0)) for s in good], dtype=torch.long)
-    return out
 
 
 class _SkipLog:

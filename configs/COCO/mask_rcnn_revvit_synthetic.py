@@ -1,5 +1,5 @@
 """Built-in demo: a small Rev-ViT Mask R-CNN trained from scratch on the CPU, on a generated
-COCO-format shapes dataset (revvit_d2.data.coco_synthetic: 6 shape classes with random colours,
+COCO-format shapes dataset (revvit_d2.data.synthetic.coco_shapes: 6 shape classes with random colours,
 scale, position, rotation and overlap on plain backgrounds; 1000 train / 200 val images of
 128-144 px, used at their native size).
 
@@ -23,7 +23,7 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import CosineParamScheduler
 
 from revvit_d2.d2 import HybridStem
-from revvit_d2.data.coco_synthetic import SafeDatasetMapper
+from revvit_d2.d2.data import SafeDatasetMapper
 
 from ..common.models.mask_rcnn_revvit import model
 

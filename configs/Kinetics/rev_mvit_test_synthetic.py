@@ -21,7 +21,7 @@ _SYNTHETIC = os.path.join(os.environ.get("REVVIT_DATASETS", "datasets"), "kineti
 # The oracle-sized tiny Rev-MViT (16 wide, 5 layers), 8 frames of 64x64, 4 classes.
 model = L(rev_mvit_video_test)(temporal_size=8, head_num_classes=4)
 
-# Arguments of revvit_video.synthetic.make_synthetic_kinetics for the built-in dataset.
+# Arguments of revvit_d2.data.synthetic.kinetics.make_synthetic_kinetics for the built-in dataset.
 dataloader.synthetic = dict(train_per_class=48, val_per_class=24)
 
 # 8 frames at rate 2 of the 16 fps videos: a clip is 1 s of the 2 s video.

@@ -1,8 +1,15 @@
 """A detection training loader that can start at any iteration and repeat itself exactly.
 
-detectron2's ``TrainingSampler`` restarts its infinite shuffle from the beginning when a job
-resumes, and augmentations draw from the global RNGs of whichever worker maps the image, so a
-resumed run sees other images than the uninterrupted one would have. Here:
+Why not detectron2's own pieces: ``build_detection_train_loader`` over ``TrainingSampler``
+restarts its infinite shuffle from the beginning when a job resumes; augmentations draw from the
+global RNGs of whichever worker maps the image (``worker_init_reset_seed``); ``MapDataset``
+replaces a rejected sample from an RNG that depends on the worker's history; and
+``AspectRatioGroupedDataset`` groups images in the order the workers happen to deliver them. A
+resumed run therefore sees other batches than the uninterrupted one would have
+(``tests/test_resume.py`` checks bit-identical losses). What is kept from detectron2: the
+sampler (:class:`EpochSeededTrainingSampler`, a ``TrainingSampler`` that only seeds each epoch
+separately), its rank sharding, and ``build_detection_train_loader`` for the ``DataLoader``.
+What is added (:class:`ResumableTrainingStream`):
 
 * the sample stream is a function of the seed: epoch ``e`` is ``randperm(N)`` from a generator
   seeded with ``(seed, e)``; position ``p`` of the stream (``e * N + i``) is dealt to rank
@@ -12,7 +19,7 @@ resumed run sees other images than the uninterrupted one would have. Here:
   is read, so batch ``j`` of a rank is known without mapping batches ``0..j-1``;
 * batch ``j`` is mapped by data-loader worker ``j % num_workers`` (the order in which
   ``DataLoader`` collects batches from its workers), each sample under RNGs seeded from
-  ``(seed, p)`` (:func:`~revvit_d2.d2.determinism.seeded_rng`); a sample the mapper rejects
+  ``(seed, p)`` (:func:`~revvit_d2.utils.seeding.seeded_rng`); a sample the mapper rejects
   (returns None: unreadable file) is replaced by a seeded random other one of its group.
 
 ``build_resumable_train_loader(..., start_iter=k)`` therefore yields, from its first batch,
@@ -27,17 +34,41 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from detectron2.data import DatasetFromList, build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
 from detectron2.utils.serialize import PicklableWrapper
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .determinism import derive_seed, seeded_rng
+from revvit_d2.utils.seeding import derive_seed, seeded_rng
 
-__all__ = ["ResumableTrainingStream", "build_resumable_train_loader"]
+__all__ = ["EpochSeededTrainingSampler", "ResumableTrainingStream",
+           "build_resumable_train_loader"]
 
 logger = logging.getLogger(__name__)
 
 Key = Tuple[int, int]  # (dataset index, position in the sample stream)
+
+
+class EpochSeededTrainingSampler(TrainingSampler):
+    """detectron2's ``TrainingSampler`` (this rank's share of an endless stream of shuffled
+    epochs) with epoch ``e`` shuffled by a generator seeded from ``(seed, e)``, where
+    ``TrainingSampler`` draws every epoch from one generator. Why: epoch ``e`` is then
+    computed without the ones before it, and the order is the one this project's earlier runs
+    (and the demo's AP) were made with. Rank and world size may be given explicitly."""
+
+    def __init__(self, size: int, shuffle: bool = True, *, seed: int,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        self._rank = self._rank if rank is None else int(rank)
+        self._world_size = self._world_size if world_size is None else int(world_size)
+
+    def _infinite_indices(self) -> Iterator[int]:
+        for epoch in itertools.count():
+            if self._shuffle:
+                g = torch.Generator().manual_seed(derive_seed(self._seed, epoch))
+                yield from torch.randperm(self._size, generator=g).tolist()
+            else:
+                yield from range(self._size)
 
 
 class ResumableTrainingStream(IterableDataset):
@@ -72,24 +103,16 @@ class ResumableTrainingStream(IterableDataset):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.start_iter = int(start_iter)
-        self.shuffle = bool(shuffle)
         self.rank = comm.get_rank() if rank is None else int(rank)
         self.world_size = comm.get_world_size() if world_size is None else int(world_size)
+        self.sampler = EpochSeededTrainingSampler(len(self.dataset), bool(shuffle), seed=self.seed,
+                                                  rank=self.rank, world_size=self.world_size)
         self.max_tries = int(max_tries)
-
-    def _stream(self) -> Iterator[Key]:
-        n = len(self.dataset)
-        for epoch in itertools.count():
-            if self.shuffle:
-                g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-                order = torch.randperm(n, generator=g).tolist()
-            else:
-                order = range(n)
-            yield from zip(order, range(epoch * n, (epoch + 1) * n))
 
     def batch_keys(self) -> Iterator[List[Key]]:
         """This rank's batches of keys, from batch 0 on (cheap: no image is read)."""
-        mine = itertools.islice(self._stream(), self.rank, None, self.world_size)
+        # Rank r's j-th sample is at position r + j * world_size of the whole stream.
+        mine = zip(self.sampler, itertools.count(self.rank, self.world_size))
         if self.groups is None:
             while True:
                 yield list(itertools.islice(mine, self.batch_size))

@@ -1,4 +1,4 @@
-"""A built-in synthetic video dataset in the Kinetics layout, written with PyAV.
+"""The built-in synthetic video dataset in the Kinetics layout, written with PyAV.
 
 No real video data can be downloaded here, so the demo and the tests train and test on short
 generated clips whose classes differ only by **motion**: every video shows a disc of random
@@ -36,15 +36,17 @@ import random
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
+import av
 import numpy as np
 
-from revvit_d2.data.generated import generate_once
+from revvit_d2.utils.paths import default_datasets_root
+
+from ..generated import generate_once
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MOTION_CLASSES",
-    "default_datasets_root",
     "default_synthetic_root",
     "make_synthetic_kinetics",
     "render_video",
@@ -54,11 +56,6 @@ __all__ = [
 
 MOTION_CLASSES = ("move_up", "move_down", "grow", "shrink")
 _FORMAT_VERSION = 1
-
-
-def default_datasets_root() -> Path:
-    """``$REVVIT_DATASETS``, or ``./datasets`` (relative to the current directory)."""
-    return Path(os.environ.get("REVVIT_DATASETS", "datasets"))
 
 
 def default_synthetic_root() -> Path:
@@ -162,8 +159,6 @@ def write_video(path: Union[str, os.PathLike], frames: np.ndarray, fps: int = 16
     run to run in the same process (same frames, one thread), so it is not the default. H and W
     must be even for yuv420p.
     """
-    import av
-
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"frame size {w}x{h} must be even for yuv420p")
