@@ -12,11 +12,11 @@ Modules:
   builders: revvit_d2 ``RevMViT`` trunk + pytorchvideo head) and the ``RevVideoNet`` class;
 * :mod:`revvit_video.hub`: ``rev_mvit_b_16x4``, ``rev_mvit_video_test``,
   ``load_video_checkpoint``;
-* :mod:`revvit_video.data`, :mod:`revvit_video.transforms`: Kinetics through
-  ``pytorchvideo.data`` with PyAV, the official sampling, counted skipping of bad videos;
+* :mod:`revvit_video.data`, :mod:`revvit_video.datasets`, :mod:`revvit_video.transforms`:
+  Kinetics through ``pytorchvideo.data`` with PyAV, the official sampling, counted skipping of
+  bad videos (the built-in synthetic clips: :mod:`revvit_d2.data.synthetic.kinetics`);
 * :mod:`revvit_video.compat`: the ``torchvision.transforms.functional_tensor`` alias that
   ``pytorchvideo.transforms`` needs on current torchvision;
-* :mod:`revvit_video.synthetic`: the built-in synthetic motion dataset (mp4 via PyAV);
 * :mod:`revvit_video.engine`: multi-view aggregation, trainer and checkpointing used by
   tools/run_video.py (imports detectron2; not imported here).
 """
