@@ -42,28 +42,22 @@ from torch.utils.data import DataLoader, Sampler
 
 from revvit_d2.utils.seeding import derive_seed
 
-from .datasets import (ShardSampler, SkipCountingVideoDataset, SkipRecord, TrainClipDataset,
-                       collate_video_batch, kinetics_dataset, read_video_list)
+from .datasets import __all__ as _DATASET_NAMES
+from .datasets import (ShardSampler, SkipCountingVideoDataset, SkipRecord,  # noqa: F401
+                       TrainClipDataset, collate_video_batch, kinetics_dataset, read_video_list)
 from .transforms import build_test_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "NoReadableVideoError",
-    "SkipRecord",
-    "SkipCountingVideoDataset",
-    "TrainClipDataset",
-    "ShardSampler",
-    "kinetics_dataset",
-    "collate_video_batch",
     "VideoTrainLoader",
     "VideoTestLoader",
     "build_kinetics_train_loader",
     "build_kinetics_test_loader",
     "clip_duration",
     "iters_per_epoch",
-    "read_video_list",
-]
+] + _DATASET_NAMES
 
 
 class NoReadableVideoError(RuntimeError):
