@@ -53,8 +53,8 @@ class EpochSeededTrainingSampler(TrainingSampler):
     """detectron2's ``TrainingSampler`` (this rank's share of an endless stream of shuffled
     epochs) with epoch ``e`` shuffled by a generator seeded from ``(seed, e)``, where
     ``TrainingSampler`` draws every epoch from one generator. Why: epoch ``e`` is then
-    computed without the ones before it, and the order is the one this project's earlier runs
-    (and the demo's AP) were made with. Rank and world size may be given explicitly."""
+    computed on its own, and it is the order the demo's reported AP was measured with. Rank
+    and world size may be given explicitly (tests, tools that shard by hand)."""
 
     def __init__(self, size: int, shuffle: bool = True, *, seed: int,
                  rank: Optional[int] = None, world_size: Optional[int] = None):
@@ -73,6 +73,11 @@ class EpochSeededTrainingSampler(TrainingSampler):
 
 class ResumableTrainingStream(IterableDataset):
     """Mapped training samples of this rank, batch after batch, from batch `start_iter`.
+
+    It replaces detectron2's ``MapDataset`` + ``AspectRatioGroupedDataset`` over the sampler
+    (the module docstring says why): grouping on the dicts' sizes before mapping, each sample
+    mapped under RNGs seeded from its stream position, seeded replacement of rejected samples,
+    batches dealt to the data-loader workers in order.
 
     Args:
         dataset: list of dataset dicts (or a map-style dataset).
