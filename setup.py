@@ -22,6 +22,7 @@ setup(
         "revvit_d2",
         "revvit_d2.modeling",
         "revvit_d2.data",
+        "revvit_d2.data.synthetic",
         "revvit_d2.d2",
         "revvit_video",
     ],
