@@ -34,7 +34,13 @@ model.backbone = L(FPN)(
         transition_layers=(1, 3, 14),
         pre_q_fusion="concat_linear_2",
         drop_path_rate=0.2,
+        # the reversible engine (revvit_d2.modeling.EngineOptions documents each option)
         use_rev_backprop=True,
+        act_checkpoint=False,
+        parallel_backward=False,
+        rev_anchor_every=0,
+        check_finite=False,
+        compile_blocks=False,
         out_features=("scale2", "scale3", "scale4", "scale5"),
     ),
     in_features="${.bottom_up.out_features}",

@@ -22,7 +22,13 @@ model.backbone = L(RevSimpleFeaturePyramid)(
         drop_path_rate=0.1,
         window_size=14,
         global_block_indexes=(2, 5, 8, 11),
+        # the reversible engine (revvit_d2.modeling.EngineOptions documents each option)
         use_rev_backprop=True,
+        act_checkpoint=False,
+        parallel_backward=False,
+        rev_anchor_every=0,
+        check_finite=False,
+        compile_blocks=False,
         out_feature="last_feat",
     ),
     in_feature="${.net.out_feature}",
