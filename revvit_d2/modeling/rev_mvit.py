@@ -220,17 +220,8 @@ class RevMViT(RevModelBase):
         self.input_size = input_size
         self.sep_pos_embed = sep_pos_embed
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_kernel, patch_stride,
-                                      patch_padding, conv_2d=not self.is_video)
-        grid = self._stem_grid(input_size, patch_kernel, patch_stride, patch_padding)
-        self.patch_grid = grid  # (T, H, W) tokens at the training size
-        if sep_pos_embed:
-            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, grid[1] * grid[2], embed_dim))
-            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, grid[0], embed_dim))
-        else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), embed_dim))
-        self.pos_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
-
+        self._build_stem(in_chans, embed_dim, patch_kernel, patch_stride, patch_padding,
+                         dropout_rate)
         stem_stride = tuple(patch_stride) if self.is_video else (1,) + tuple(patch_stride)
         width = self._build_layers(
             depth, embed_dim, num_heads, mlp_ratio, qkv_bias, dim_mul, head_mul,
@@ -242,6 +233,20 @@ class RevMViT(RevModelBase):
         for name in self.pos_embed_grids:
             nn.init.trunc_normal_(getattr(self, name), std=0.02)
         self._finish_init()
+
+    def _build_stem(self, in_chans, embed_dim, patch_kernel, patch_stride, patch_padding,
+                    dropout_rate):
+        """Patch embedding, position embedding(s) of the training grid, and their dropout."""
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_kernel, patch_stride,
+                                      patch_padding, conv_2d=not self.is_video)
+        grid = self._stem_grid(self.input_size, patch_kernel, patch_stride, patch_padding)
+        self.patch_grid = grid  # (T, H, W) tokens at the training size
+        if self.sep_pos_embed:
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, grid[1] * grid[2], embed_dim))
+            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, grid[0], embed_dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), embed_dim))
+        self.pos_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
 
     def _build_layers(self, depth, dim, heads, mlp_ratio, qkv_bias, dim_mul, head_mul, pooling,
                       transition_layers, pre_q_fusion, drop_path_rate, dropout_rate, stride):
