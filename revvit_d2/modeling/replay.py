@@ -6,7 +6,7 @@ never re-seeding the global generator) and the forward's autocast state, and mul
 stored drop-path mask.
 """
 import contextlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.func
