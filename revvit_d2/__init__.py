@@ -1,7 +1,8 @@
 """revvit_d2: Reversible Vision Transformers (Rev-ViT, Rev-MViT) for downstream vision.
 
-The core (``revvit_d2.modeling``, ``revvit_d2.checkpoint``, ``revvit_d2.official``) is plain
-torch and never imports detectron2; the Detectron2 wrapping lives in ``revvit_d2.d2``.
+The core (``revvit_d2.modeling``) is plain torch; the checkpoint converters, the official
+config readers and ``create_model`` build on it and never import detectron2; the Detectron2
+wrapping lives in ``revvit_d2.d2``. See docs/architecture.md for the layers.
 """
 from .checkpoint import (
     CheckpointMismatchError,
@@ -10,13 +11,16 @@ from .checkpoint import (
     convert_state_dict,
     load_pretrained,
 )
-from .modeling import RevViT, create_model, get_pretrained_cfg, list_models
+from .factory import create_model
+from .modeling import EngineOptions, RevMViT, RevViT, get_pretrained_cfg, list_models
 from .official import build_from_mmpretrain_cfg, build_from_slowfast_cfg
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointMismatchError",
+    "EngineOptions",
+    "RevMViT",
     "RevViT",
     "build_from_mmpretrain_cfg",
     "build_from_slowfast_cfg",

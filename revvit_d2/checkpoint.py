@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .modeling.layers import resize_pos_embed
+from .utils.io import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def load_pretrained(model: nn.Module, checkpoint, fmt: str = "auto",
         dict with ``loaded``, ``missing``, ``unexpected`` and ``ignored`` key lists.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint)
     sd = adapt_pos_embed(convert_state_dict(checkpoint, fmt), model)
     ignore = tuple(ignore_prefixes)
     own = model.state_dict()

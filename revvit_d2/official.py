@@ -10,6 +10,9 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from .modeling.rev_mvit import RevMViT
+from .modeling.rev_vit import RevViT
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_from_slowfast_cfg", "build_from_mmpretrain_cfg"]
@@ -118,17 +121,40 @@ def build_from_slowfast_cfg(cfg: Mapping, use_rev_backprop: bool = True, **overr
         if kernel != stride or kernel[0] != kernel[1] or any(padding):
             raise ValueError(f"Rev-ViT needs a square non-overlapping patch stem; got kernel "
                              f"{kernel}, stride {stride}, padding {padding}")
-        from .modeling.rev_vit import RevViT
-
         kwargs = dict(common, img_size=crop, patch_size=kernel[0])
         kwargs.update(overrides)
         return RevViT(**kwargs)
 
-    from .modeling.rev_mvit import RevMViT
-
-    kwargs = dict(RevMViT.kwargs_from_slowfast_cfg(cfg, _get), **common)
+    kwargs = dict(_rev_mvit_kwargs(cfg), **common)
     kwargs.update(overrides)
     return RevMViT(**kwargs)
+
+
+def _rev_mvit_kwargs(cfg: Mapping) -> dict:
+    """The :class:`RevMViT` architecture arguments of a SlowFast config (beyond those it shares
+    with Rev-ViT)."""
+    if _get(cfg, "MVIT.REV.RES_PATH") != "conv":
+        raise ValueError("MVIT.REV.RES_PATH must be 'conv' (the official 'max' path is broken)")
+    if _get(cfg, "MVIT.MODE") != "conv":
+        raise ValueError(f"MVIT.MODE {_get(cfg, 'MVIT.MODE')!r} is not supported (only 'conv')")
+    is_2d = bool(_get(cfg, "MVIT.PATCH_2D"))
+    crop = int(_get(cfg, "DATA.TRAIN_CROP_SIZE"))
+    frames = int(_get(cfg, "DATA.NUM_FRAMES"))
+    return dict(
+        input_size=(crop, crop) if is_2d else (frames, crop, crop),
+        patch_kernel=tuple(_get(cfg, "MVIT.PATCH_KERNEL")),
+        patch_stride=tuple(_get(cfg, "MVIT.PATCH_STRIDE")),
+        patch_padding=tuple(_get(cfg, "MVIT.PATCH_PADDING")),
+        dim_mul=[tuple(e) for e in _get(cfg, "MVIT.DIM_MUL")],
+        head_mul=[tuple(e) for e in _get(cfg, "MVIT.HEAD_MUL")],
+        pool_q_stride=[tuple(e) for e in _get(cfg, "MVIT.POOL_Q_STRIDE")],
+        pool_kvq_kernel=_get(cfg, "MVIT.POOL_KVQ_KERNEL"),
+        pool_kv_stride_adaptive=_get(cfg, "MVIT.POOL_KV_STRIDE_ADAPTIVE"),
+        pool_kv_stride=[tuple(e) for e in _get(cfg, "MVIT.POOL_KV_STRIDE")],
+        transition_layers=tuple(_get(cfg, "MVIT.REV.BUFFER_LAYERS")),
+        pre_q_fusion=_get(cfg, "MVIT.REV.PRE_Q_FUSION"),
+        sep_pos_embed=bool(_get(cfg, "MVIT.SEP_POS_EMBED")),
+    )
 
 
 _MMPRETRAIN_ARCHS = {
@@ -170,8 +196,6 @@ def build_from_mmpretrain_cfg(model_cfg: Mapping, use_rev_backprop: bool = True,
     if eps != 1e-6:
         raise ValueError(f"LayerNorm eps {eps} is not supported (RevViT uses 1e-6)")
     head = model_cfg.get("head") or {}
-    from .modeling.rev_vit import RevViT
-
     kwargs = dict(
         img_size=backbone.get("img_size", 224),
         patch_size=backbone.get("patch_size", 16),

@@ -92,6 +92,27 @@ def test_every_parameter_gets_a_gradient_and_freezing_works(make):
         assert (p.grad is None) == frozen_part, n
 
 
+def test_rev_mvit_backbone_gives_each_returned_level_its_own_norm():
+    """The per-level norms live in the backbone (not the core model), under the state-dict
+    names RevvitCheckpointer expects (``out_norms.<level>.``, after the trunk); the
+    classifier's final norm and head are gone."""
+    bb = RevMViTBackbone(**dict(TINY_MVIT, out_features=("scale2", "scale4"))).eval()
+    keys = list(bb.state_dict())
+    norms = ["out_norms.scale2.weight", "out_norms.scale2.bias", "out_norms.scale4.weight",
+             "out_norms.scale4.bias"]
+    assert keys[-4:] == norms and not any(k.startswith(("norm.", "head.")) for k in keys)
+    torch.testing.assert_close(bb.out_norms.scale2.bias, torch.full((32,), 0.02))  # official init
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = bb(x)
+        assert list(out) == ["scale2", "scale4"]
+        bb.out_norms.scale4.bias.add_(1.0)  # a learned affine norm, fuse "concat" = identity
+        torch.testing.assert_close(bb(x)["scale4"], out["scale4"] + 1.0)
+        torch.testing.assert_close(bb(x)["scale2"], out["scale2"])
+    with pytest.raises(ValueError, match="unknown out_features"):
+        RevMViTBackbone(**dict(TINY_MVIT, out_features=("scale9",)))
+
+
 def test_hybrid_stem_replaces_the_patch_projection():
     net = RevViTBackbone(stem=_hybrid_stem(), **TINY_VIT)
     assert isinstance(net.patch_embed.proj, HybridStem)

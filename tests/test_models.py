@@ -1,14 +1,45 @@
-"""Model variants: exact sizes, FLOPs, multi-scale features, Rev-MViT engine equivalence and
-input checks."""
+"""Model variants: the registry sweep, exact sizes, FLOPs, multi-scale features, Rev-MViT engine
+equivalence, input checks, and the engine options every builder exposes."""
+import dataclasses
+import inspect
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 import revvit_d2
+from revvit_d2.modeling import EngineOptions, RevModelBase, RevMViT, RevViT, build_model
 from revvit_d2.modeling.flops import count_flops, count_parameters
 
 from conftest import load_oracle
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PARAMS = 1_000_000  # variants below this are built for real and trained one step
+
+
+@pytest.mark.parametrize("name", revvit_d2.list_models())
+def test_every_registered_variant_builds_and_fits_its_metadata(name, rev_backward_calls):
+    """Every list_models() entry: its pretrained_cfg input size and class count fit the model
+    (full-size variants: shapes only, on the meta device; tiny ones: a real forward and a
+    reversible backward that reaches every parameter)."""
+    cfg = revvit_d2.get_pretrained_cfg(name)
+    shape = (2,) + tuple(cfg["input_size"])
+    with torch.device("meta"):
+        model = revvit_d2.create_model(name)
+    assert model.num_classes == cfg["num_classes"]
+    assert model.pretrained_cfg == cfg
+    if count_parameters(model) > TINY_PARAMS:
+        with torch.no_grad():
+            out = model.eval()(torch.empty(shape, device="meta"))
+        assert tuple(out.shape) == (2, cfg["num_classes"])
+        return
+    model = revvit_d2.create_model(name).train()
+    out = model(torch.randn(shape))
+    assert tuple(out.shape) == (2, cfg["num_classes"]) and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    assert rev_backward_calls  # through the reversible engine
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
 @pytest.mark.parametrize("name,params", [
@@ -92,7 +123,7 @@ def test_rev_vit_features():
      {"scale2": (2, 32, 2, 16, 16), "scale3": (2, 64, 2, 8, 8), "scale4": (2, 128, 2, 4, 4)}),
 ])
 def test_rev_mvit_features_shapes_strides_and_gradients(name, shape, expected):
-    model = revvit_d2.create_model(name, out_features=("scale2", "scale3", "scale4"))
+    model = revvit_d2.create_model(name)
     model.train()
     x = torch.randn(shape)
     feats = model.forward_features(x)
@@ -102,7 +133,7 @@ def test_rev_mvit_features_shapes_strides_and_gradients(name, shape, expected):
         assert v.shape[1] == model.feature_channels[k]
     sum(f.pow(2).mean() for f in feats.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
-    assert no_grad == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert no_grad == ["head.weight", "head.bias"]  # the last level uses the final norm
 
 
 def test_full_size_rev_mvit_b_feature_pyramid_levels():
@@ -183,3 +214,115 @@ def test_rev_vit_intermediate_block_features_keep_gradients_exact():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=n)
     with pytest.raises(ValueError, match="block_indices"):
         rev.forward_features(x, block_indices=(6,))
+
+
+# -- the engine options: one set of names, exposed by every builder ------------------------------
+
+ENGINE_NAMES = EngineOptions.names()
+# every option away from its default, so that a dropped option shows
+CHANGED = EngineOptions(**{f.name: (not f.default) if isinstance(f.default, bool) else f.default + 2
+                           for f in dataclasses.fields(EngineOptions)})
+
+
+def _cores(module):
+    return [m for m in module.modules() if isinstance(m, RevModelBase)]
+
+
+def _assert_options_arrive(module):
+    cores = _cores(module)
+    assert cores and all(core.engine == CHANGED for core in cores)
+
+
+def test_engine_options_differ_from_the_defaults_and_are_the_model_keywords():
+    assert all(getattr(CHANGED, n) != getattr(EngineOptions(), n) for n in ENGINE_NAMES)
+    for cls in (RevViT, RevMViT):
+        assert set(ENGINE_NAMES) <= set(inspect.signature(cls).parameters), cls
+
+
+@pytest.mark.parametrize("name", revvit_d2.list_models())
+def test_every_variant_takes_the_engine_options(name):
+    with torch.device("meta"):
+        _assert_options_arrive(build_model(name, **dataclasses.asdict(CHANGED)))
+        _assert_options_arrive(revvit_d2.create_model(name, **dataclasses.asdict(CHANGED)))
+
+
+def test_video_builders_and_hub_take_the_engine_options():
+    from revvit_video import create_rev_mvit, create_rev_vit_video, rev_mvit_b_16x4, \
+        rev_mvit_video_test
+
+    for builder in (create_rev_mvit, create_rev_vit_video):
+        assert set(ENGINE_NAMES) <= set(inspect.signature(builder).parameters), builder
+    opts = dataclasses.asdict(CHANGED)
+    with torch.device("meta"):
+        _assert_options_arrive(create_rev_mvit(**opts))
+        _assert_options_arrive(create_rev_vit_video(**opts))
+        _assert_options_arrive(rev_mvit_b_16x4(**opts))
+        _assert_options_arrive(rev_mvit_video_test(**opts))
+
+
+@pytest.mark.parametrize("builder,variant", [("build_revvit_sfp_backbone", "rev_vit_test"),
+                                             ("build_revmvit_fpn_backbone", "rev_mvit_test")])
+def test_yacs_config_has_every_engine_option(builder, variant):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from revvit_d2.d2 import add_revvit_config
+
+    cfg = add_revvit_config(get_cfg())
+    assert {n.upper() for n in ENGINE_NAMES} <= set(cfg.MODEL.REVVIT)
+    cfg.MODEL.BACKBONE.NAME = builder
+    cfg.MODEL.REVVIT.VARIANT = variant
+    cfg.MODEL.REVVIT.IMG_SIZE = 64
+    cfg.MODEL.REVVIT.OUT_FEATURES = ["scale2", "scale3", "scale4"]
+    for name in ENGINE_NAMES:
+        cfg.MODEL.REVVIT[name.upper()] = getattr(CHANGED, name)
+    _assert_options_arrive(build_backbone(cfg))
+
+
+def _reversible_nodes(node, found):
+    """LazyCall nodes of `node` whose target builds a reversible model."""
+    from omegaconf import DictConfig, ListConfig
+
+    from revvit_d2.d2 import RevMViTBackbone, RevViTBackbone
+    from revvit_video import create_rev_mvit, create_rev_vit_video, rev_mvit_b_16x4, \
+        rev_mvit_video_test
+
+    builders = (RevViTBackbone, RevMViTBackbone, RevViT, RevMViT, revvit_d2.create_model,
+                build_model, create_rev_mvit, create_rev_vit_video, rev_mvit_b_16x4,
+                rev_mvit_video_test)
+    if isinstance(node, DictConfig):
+        if node.get("_target_", None) in builders:
+            found.append(node)
+        for key in node:
+            _reversible_nodes(node[key], found)
+    elif isinstance(node, ListConfig):
+        for item in node:
+            _reversible_nodes(item, found)
+    return found
+
+
+LAZY_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.py")
+                      if "common" not in p.parts)
+
+
+@pytest.mark.parametrize("path", LAZY_CONFIGS)
+def test_lazyconfig_models_take_the_engine_options(path):
+    """Every reversible model in a LazyConfig file accepts each engine option as
+    ``model...<name>=...`` and passes it to the engine; the detection base models list them."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from revvit_d2.d2 import RevMViTBackbone, RevViTBackbone
+
+    cfg = LazyConfig.load(str(ROOT / path))
+    nodes = _reversible_nodes(cfg.model, [])
+    if "rev" not in Path(path).name:
+        assert not nodes
+        return
+    assert nodes, f"{path}: no reversible model found"
+    for node in nodes:
+        if node._target_ in (RevViTBackbone, RevMViTBackbone):
+            assert set(ENGINE_NAMES) <= set(node), path  # listed in configs/common/models
+        for name in ENGINE_NAMES:
+            node[name] = getattr(CHANGED, name)
+        with torch.device("meta"):
+            _assert_options_arrive(instantiate(node))

@@ -22,7 +22,7 @@ from revvit_video import (
     rev_mvit_b_16x4,
     rev_mvit_video_test,
 )
-from revvit_video.hub import _REV_MVIT_VIDEO_TEST
+from revvit_video.models import video_builder_kwargs
 
 from conftest import load_oracle
 
@@ -43,7 +43,7 @@ def tiny_videos(tmp_path_factory):
 # Models
 # ---------------------------------------------------------------------------------------------
 def _tiny_mvit(**kw):
-    args = dict(_REV_MVIT_VIDEO_TEST, drop_path_rate=0.1, head_dropout_rate=0.1)
+    args = dict(video_builder_kwargs("rev_mvit_video_test"), drop_path_rate=0.1, head_dropout_rate=0.1)
     args.update(kw)
     return create_rev_mvit(**args)
 

@@ -29,31 +29,12 @@ from revvit_d2 import (
 )
 from revvit_d2.checkpoint import unwrap_checkpoint
 
-from .models import RevVideoNet, create_rev_mvit
+from .models import RevVideoNet, create_rev_mvit, video_builder_kwargs
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["rev_mvit_b_16x4", "rev_mvit_video_test", "load_video_checkpoint", "read_checkpoint",
            "convert_to_video_state_dict"]
-
-# Official REV_MVIT_B_16x4_CONV (SlowFast configs/Kinetics), = revvit_d2 "rev_mvit_b_16x4".
-_REV_MVIT_B_16X4 = dict(
-    spatial_size=224, temporal_size=16, patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4),
-    patch_padding=(1, 3, 3), sep_pos_embed=True, embed_dim=96, depth=16, num_heads=1,
-    mlp_ratio=4.0, qkv_bias=False, dim_mul=((1, 2.0), (3, 2.0), (14, 2.0)),
-    head_mul=((1, 2.0), (3, 2.0), (14, 2.0)),
-    pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2), (14, 1, 2, 2)), pool_kvq_kernel=(3, 3, 3),
-    pool_kv_stride_adaptive=(1, 8, 8), transition_layers=(1, 3, 14), pre_q_fusion="avg",
-    drop_path_rate=0.05, head_num_classes=400, head_dropout_rate=0.5,
-)
-# Tiny model of the oracle file's shape (= revvit_d2 "rev_mvit_video_test"): 4 x 64 x 64 input.
-_REV_MVIT_VIDEO_TEST = dict(
-    _REV_MVIT_B_16X4, spatial_size=64, temporal_size=4, embed_dim=16, depth=5,
-    dim_mul=((1, 2.0), (3, 2.0)), head_mul=((1, 2.0), (3, 2.0)),
-    pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2)), pool_kv_stride_adaptive=(1, 4, 4),
-    transition_layers=(1, 3), drop_path_rate=0.0, head_num_classes=10, head_dropout_rate=0.0,
-)
-
 
 def read_checkpoint(path: str) -> Mapping[str, Any]:
     """``torch.load`` on the CPU, with ``weights_only=True`` first (a SlowFast file holds only
@@ -134,7 +115,8 @@ def load_video_checkpoint(model: RevVideoNet, checkpoint, load_head: bool = True
     return report
 
 
-def _hub_model(name: str, defaults: Dict[str, Any], pretrained: bool, checkpoint, kwargs):
+def _hub_model(name: str, pretrained: bool, checkpoint, kwargs):
+    """``create_rev_mvit`` with the dimensions of the revvit_d2 variant `name`, then `kwargs`."""
     if isinstance(pretrained, (str, os.PathLike)):
         raise TypeError(f"{name}: pass the checkpoint path as checkpoint=, not pretrained=")
     if pretrained and checkpoint is None:
@@ -143,8 +125,7 @@ def _hub_model(name: str, defaults: Dict[str, Any], pretrained: bool, checkpoint
             f"{name}(pretrained=True): weights cannot be downloaded in this environment; pass "
             f"checkpoint=<path to {'the official ' + file if file else 'a checkpoint'}> "
             f"(or pretrained=False for random weights)")
-    cfg = dict(defaults)
-    cfg.update(kwargs)
+    cfg = dict(video_builder_kwargs(name), **kwargs)
     model = create_rev_mvit(**cfg)
     pretrained_cfg = get_pretrained_cfg(name)
     pretrained_cfg.update(num_frames=cfg["temporal_size"], num_classes=cfg["head_num_classes"],
@@ -164,13 +145,15 @@ def rev_mvit_b_16x4(pretrained: bool = False, checkpoint=None, **kwargs) -> nn.M
         pretrained: True requires `checkpoint` (no download is possible here).
         checkpoint: path or dict of ``REV_MVIT_B_16x4.pyth`` (or a converted / fine-tuned one),
             loaded strictly.
-        **kwargs: :func:`~revvit_video.models.create_rev_mvit` arguments replacing the defaults
-            (e.g. ``head_num_classes``, ``drop_path_rate``, ``use_rev_backprop``).
+        **kwargs: :func:`~revvit_video.models.create_rev_mvit` arguments replacing the
+            variant's (e.g. ``head_num_classes``, ``drop_path_rate``, the engine options
+            ``use_rev_backprop``, ``rev_anchor_every``...).
     """
-    return _hub_model("rev_mvit_b_16x4", _REV_MVIT_B_16X4, pretrained, checkpoint, kwargs)
+    return _hub_model("rev_mvit_b_16x4", pretrained, checkpoint, kwargs)
 
 
 def rev_mvit_video_test(pretrained: bool = False, checkpoint=None, **kwargs) -> nn.Module:
     """Tiny Rev-MViT (16 wide, 5 layers, transitions at 1 and 3; input (B, 3, 4, 64, 64), 10
-    classes): the structure of the official-code oracle file, used by the tests and the demo."""
-    return _hub_model("rev_mvit_video_test", _REV_MVIT_VIDEO_TEST, pretrained, checkpoint, kwargs)
+    classes): the structure of the official-code oracle file, used by the tests and the demo.
+    Same arguments as :func:`rev_mvit_b_16x4`."""
+    return _hub_model("rev_mvit_video_test", pretrained, checkpoint, kwargs)

@@ -18,17 +18,47 @@ Linear is ``head.proj``. Official checkpoints load strictly through
 :func:`revvit_video.hub.load_video_checkpoint`. ``head=None`` gives a feature extractor returning
 the pooled (B, 2C) features. The forward always returns logits (no softmax, also in eval mode).
 """
-from typing import Callable, Optional, Sequence, Tuple
+import inspect
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from pytorchvideo.models.head import create_vit_basic_head
 
+from revvit_d2.modeling import RevMViT, get_model_kwargs
 from revvit_d2.modeling.layers import init_official_weights
-from revvit_d2.modeling.rev_mvit import RevMViT
 
-__all__ = ["RevVideoNet", "create_rev_mvit", "create_rev_vit_video"]
+__all__ = ["RevVideoNet", "create_rev_mvit", "create_rev_vit_video", "video_builder_kwargs"]
+
+# RevMViT arguments that the builders name differently, and those the builders set themselves.
+_RENAMED = {"in_chans": "input_channels", "num_classes": "head_num_classes"}
+_NOT_EXPOSED = ("pool_kv_stride", "fuse")
+
+
+def video_builder_kwargs(variant: str) -> Dict[str, Any]:
+    """:func:`create_rev_mvit` arguments of a revvit_d2 video variant (e.g. ``rev_mvit_b_16x4``):
+    the dimensions pinned in the variant registry, completed with ``RevMViT``'s defaults.
+
+    The registry is the one source of the dimensions: the builder's defaults and the hub
+    entry points are derived from it here.
+    """
+    defaults = {k: p.default for k, p in inspect.signature(RevMViT).parameters.items()}
+    pinned = get_model_kwargs(variant)
+    kwargs = dict(defaults, **pinned)
+    T, H, W = kwargs.pop("input_size")
+    if H != W:
+        raise ValueError(f"{variant}: the video builders take a square spatial size, got {H}x{W}")
+    for key in _NOT_EXPOSED:
+        value = kwargs.pop(key)
+        if value != defaults[key]:
+            raise ValueError(f"{variant} pins {key}={value!r}, which create_rev_mvit cannot set")
+    out = {_RENAMED.get(k, k): v for k, v in kwargs.items()}
+    out.update(spatial_size=int(H), temporal_size=int(T))
+    return out
+
+
+_B16X4 = video_builder_kwargs("rev_mvit_b_16x4")
 
 
 class RevVideoNet(nn.Module):
@@ -67,39 +97,45 @@ def _head(head: Optional[Callable[..., nn.Module]], in_features: int, num_classe
 def create_rev_mvit(
     *,
     # Input.
-    spatial_size: int = 224,
-    temporal_size: int = 16,
-    input_channels: int = 3,
+    spatial_size: int = _B16X4["spatial_size"],
+    temporal_size: int = _B16X4["temporal_size"],
+    input_channels: int = _B16X4["input_channels"],
     # Patch stem.
-    patch_kernel: Sequence[int] = (3, 7, 7),
-    patch_stride: Sequence[int] = (2, 4, 4),
-    patch_padding: Sequence[int] = (1, 3, 3),
-    sep_pos_embed: bool = True,
+    patch_kernel: Sequence[int] = _B16X4["patch_kernel"],
+    patch_stride: Sequence[int] = _B16X4["patch_stride"],
+    patch_padding: Sequence[int] = _B16X4["patch_padding"],
+    sep_pos_embed: bool = _B16X4["sep_pos_embed"],
     # Reversible trunk.
-    embed_dim: int = 96,
-    depth: int = 16,
-    num_heads: int = 1,
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = False,
-    dim_mul: Sequence[Tuple[int, float]] = ((1, 2.0), (3, 2.0), (14, 2.0)),
-    head_mul: Sequence[Tuple[int, float]] = ((1, 2.0), (3, 2.0), (14, 2.0)),
-    pool_q_stride: Sequence[Sequence[int]] = ((1, 1, 2, 2), (3, 1, 2, 2), (14, 1, 2, 2)),
-    pool_kvq_kernel: Optional[Sequence[int]] = (3, 3, 3),
-    pool_kv_stride_adaptive: Optional[Sequence[int]] = (1, 8, 8),
-    transition_layers: Sequence[int] = (1, 3, 14),
-    pre_q_fusion: str = "avg",
-    drop_path_rate: float = 0.05,
-    dropout_rate: float = 0.0,
+    embed_dim: int = _B16X4["embed_dim"],
+    depth: int = _B16X4["depth"],
+    num_heads: int = _B16X4["num_heads"],
+    mlp_ratio: float = _B16X4["mlp_ratio"],
+    qkv_bias: bool = _B16X4["qkv_bias"],
+    dim_mul: Sequence[Tuple[int, float]] = _B16X4["dim_mul"],
+    head_mul: Sequence[Tuple[int, float]] = _B16X4["head_mul"],
+    pool_q_stride: Sequence[Sequence[int]] = _B16X4["pool_q_stride"],
+    pool_kvq_kernel: Optional[Sequence[int]] = _B16X4["pool_kvq_kernel"],
+    pool_kv_stride_adaptive: Optional[Sequence[int]] = _B16X4["pool_kv_stride_adaptive"],
+    transition_layers: Sequence[int] = _B16X4["transition_layers"],
+    pre_q_fusion: str = _B16X4["pre_q_fusion"],
+    drop_path_rate: float = _B16X4["drop_path_rate"],
+    dropout_rate: float = _B16X4["dropout_rate"],
+    # Engine (revvit_d2.modeling.EngineOptions).
     use_rev_backprop: bool = True,
     act_checkpoint: bool = False,
+    parallel_backward: bool = False,
+    rev_anchor_every: int = 0,
+    check_finite: bool = False,
+    compile_blocks: bool = False,
     # Head.
     head: Optional[Callable[..., nn.Module]] = create_vit_basic_head,
-    head_num_classes: int = 400,
-    head_dropout_rate: float = 0.5,
+    head_num_classes: int = _B16X4["head_num_classes"],
+    head_dropout_rate: float = _B16X4["head_dropout_rate"],
     head_activation: Optional[Callable[..., nn.Module]] = None,
 ) -> RevVideoNet:
-    """Build a Rev-MViT video classifier. The defaults are the official REV_MVIT_B_16x4
-    (Kinetics-400, 16 x 224 x 224 input, 34,963,120 parameters).
+    """Build a Rev-MViT video classifier. The defaults are revvit_d2's ``rev_mvit_b_16x4``
+    variant, the official REV_MVIT_B_16x4 (Kinetics-400, 16 x 224 x 224 input, 34,963,120
+    parameters); :func:`video_builder_kwargs` gives the arguments of any video variant.
 
     Args:
         spatial_size (int): training crop side; with ``temporal_size`` it fixes the position
@@ -117,7 +153,11 @@ def create_rev_mvit(
         drop_path_rate (float): stochastic depth, linear over the layers.
         dropout_rate (float): dropout inside the trunk.
         use_rev_backprop (bool): reversible (activation-free) backward; False is plain autograd.
-        act_checkpoint (bool): activation checkpointing of the non-reversible transitions.
+        act_checkpoint (bool): with ``use_rev_backprop=False``, activation checkpointing of each
+            reversible block (``torch.utils.checkpoint``); the stage transitions are not
+            checkpointed.
+        parallel_backward, rev_anchor_every, check_finite, compile_blocks: the other engine
+            options (:class:`revvit_d2.modeling.EngineOptions` documents each).
         head (callable): builds the head from ``in_features, out_features, seq_pool_type,
             dropout_rate, activation`` (pytorchvideo's ``create_vit_basic_head``); None for a
             feature extractor.
@@ -140,6 +180,8 @@ def create_rev_mvit(
         transition_layers=transition_layers, pre_q_fusion=pre_q_fusion,
         sep_pos_embed=sep_pos_embed, drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
         num_classes=0, use_rev_backprop=use_rev_backprop, act_checkpoint=act_checkpoint,
+        parallel_backward=parallel_backward, rev_anchor_every=rev_anchor_every,
+        check_finite=check_finite, compile_blocks=compile_blocks,
     )
     return RevVideoNet(trunk=trunk, head=_head(head, trunk.num_features, head_num_classes,
                                                head_dropout_rate, head_activation))
@@ -160,6 +202,11 @@ def create_rev_vit_video(
     drop_path_rate: float = 0.1,
     dropout_rate: float = 0.0,
     use_rev_backprop: bool = True,
+    act_checkpoint: bool = False,
+    parallel_backward: bool = False,
+    rev_anchor_every: int = 0,
+    check_finite: bool = False,
+    compile_blocks: bool = False,
     head: Optional[Callable[..., nn.Module]] = create_vit_basic_head,
     head_num_classes: int = 400,
     head_dropout_rate: float = 0.5,
@@ -187,6 +234,9 @@ def create_rev_vit_video(
         pool_kvq_kernel=None, pool_kv_stride_adaptive=None, pool_kv_stride=(),
         transition_layers=(), sep_pos_embed=sep_pos_embed, drop_path_rate=drop_path_rate,
         dropout_rate=dropout_rate, num_classes=0, use_rev_backprop=use_rev_backprop,
+        act_checkpoint=act_checkpoint, parallel_backward=parallel_backward,
+        rev_anchor_every=rev_anchor_every, check_finite=check_finite,
+        compile_blocks=compile_blocks,
     )
     return RevVideoNet(trunk=trunk, head=_head(head, trunk.num_features, head_num_classes,
                                                head_dropout_rate, head_activation))

@@ -15,6 +15,7 @@ with one prefix (see :mod:`revvit_d2.d2.checkpoint`).
 from typing import Dict, Optional, Sequence
 
 import torch
+import torch.nn.functional as nnf
 from torch import nn
 from detectron2.layers import Conv2d
 from detectron2.modeling import Backbone
@@ -22,6 +23,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool as _LastLevelMaxPo
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
 
+from ..modeling.layers import init_official_weights
 from ..modeling.rev_mvit import RevMViT
 from ..modeling.rev_vit import RevViT
 
@@ -149,9 +151,15 @@ class RevViTBackbone(RevViT, Backbone):
 class RevMViTBackbone(RevMViT, Backbone):
     """Rev-MViT (image) as a multi-scale detectron2 backbone.
 
+    Differs from the core model in its normalisation: every returned level gets its own learned
+    LayerNorm (``out_norms.<level>``, initialised as the official model's norms), and the
+    classifier's final norm and head are removed (an unused parameter would also need DDP's
+    ``find_unused_parameters``). Levels that are not returned are normalised without affine
+    parameters.
+
     Args:
         out_features (sequence): levels to return among ``scale2``..``scale5`` (strides 4..32,
-            2C channels each: 192/384/768/1536 for Rev-MViT-B); each gets a learned LayerNorm.
+            2C channels each: 192/384/768/1536 for Rev-MViT-B).
         freeze_patch_embed (bool): freeze the patch and position embeddings.
         freeze_blocks (int): freeze the first this many layers (reversible or transition).
         **kwargs: :class:`~revvit_d2.modeling.rev_mvit.RevMViT` arguments. No head is built.
@@ -160,13 +168,18 @@ class RevMViTBackbone(RevMViT, Backbone):
     def __init__(self, *, out_features: Sequence[str] = ("scale2", "scale3", "scale4", "scale5"),
                  freeze_patch_embed: bool = False, freeze_blocks: int = 0, **kwargs):
         kwargs["num_classes"] = 0
-        super().__init__(out_features=tuple(out_features), **kwargs)
+        super().__init__(**kwargs)
         if self.is_video:
             raise ValueError("RevMViTBackbone is for images: give a 2-D input_size")
-        del self.head, self.head_drop
-        # The final norm only serves the classifier; every returned level has its own norm
-        # (an unused parameter would also need DDP's find_unused_parameters).
-        self.norm = None
+        unknown = set(out_features) - set(self.feature_names)
+        if unknown:
+            raise ValueError(f"unknown out_features {sorted(unknown)}; this model has "
+                             f"{self.feature_names}")
+        del self.head, self.head_drop, self.norm
+        self.out_norms = nn.ModuleDict({
+            n: nn.LayerNorm(c, eps=1e-6)
+            for n, c in zip(self.feature_names, self.stage_channels) if n in out_features})
+        self.out_norms.apply(init_official_weights)
         self._out_features = list(out_features)
         self._out_feature_channels = {n: self.feature_channels[n] for n in out_features}
         self._out_feature_strides = {n: self.feature_strides[n] for n in out_features}
@@ -177,6 +190,11 @@ class RevMViTBackbone(RevMViT, Backbone):
                     p.requires_grad_(False)
         for blk in self.blocks[:freeze_blocks]:
             blk.requires_grad_(False)
+
+    def _level_output(self, name: str, tokens: torch.Tensor, last: bool) -> torch.Tensor:
+        if name in self.out_norms:
+            return self.fuse(self.out_norms[name](tokens))
+        return nnf.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         feats = self.forward_features(x)

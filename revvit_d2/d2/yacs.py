@@ -7,11 +7,14 @@ detectron2's ``BACKBONE_REGISTRY``.
 
 Both builders construct the same classes as the LazyConfig files (``configs/COCO``).
 """
+import dataclasses
+
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN
 
+from ..modeling.options import EngineOptions
 from ..modeling.variants import get_model_kwargs
 from .backbone import (HybridStem, LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid,
                        RevViTBackbone)
@@ -26,7 +29,11 @@ def add_revvit_config(cfg):
     cfg.MODEL.REVVIT = CN()
     cfg.MODEL.REVVIT.VARIANT = "rev_vit_b"  # any revvit_d2.list_models() name
     cfg.MODEL.REVVIT.DROP_PATH_RATE = 0.1
-    cfg.MODEL.REVVIT.USE_REV_BACKPROP = True
+    # The engine options under their keyword names in upper case (USE_REV_BACKPROP,
+    # ACT_CHECKPOINT, PARALLEL_BACKWARD, REV_ANCHOR_EVERY, CHECK_FINITE, COMPILE_BLOCKS),
+    # with the defaults of revvit_d2.modeling.EngineOptions.
+    for f in dataclasses.fields(EngineOptions):
+        cfg.MODEL.REVVIT[f.name.upper()] = f.default
     cfg.MODEL.REVVIT.FREEZE_PATCH_EMBED = False
     cfg.MODEL.REVVIT.FREEZE_BLOCKS = 0
     # Rev-ViT + SimpleFeaturePyramid
@@ -50,8 +57,9 @@ def add_revvit_config(cfg):
 
 def _core_kwargs(c):
     kwargs = get_model_kwargs(c.VARIANT)
-    kwargs.update(drop_path_rate=c.DROP_PATH_RATE, use_rev_backprop=c.USE_REV_BACKPROP,
-                  freeze_patch_embed=c.FREEZE_PATCH_EMBED, freeze_blocks=c.FREEZE_BLOCKS)
+    kwargs.update(drop_path_rate=c.DROP_PATH_RATE, freeze_patch_embed=c.FREEZE_PATCH_EMBED,
+                  freeze_blocks=c.FREEZE_BLOCKS)
+    kwargs.update({name: c[name.upper()] for name in EngineOptions.names()})
     kwargs.pop("num_classes", None)
     return kwargs
 

@@ -1,19 +1,30 @@
-"""The core models: plain torch, explicit keyword arguments, no config objects."""
+"""The core models: plain torch, explicit keyword arguments, no config objects.
+
+Imports nothing of revvit outside this package (fvcore only inside ``flops``).
+"""
+from .base import RevModelBase
 from .layers import MultiScaleAttention, PatchEmbed, TwoStreamFusion, resize_pos_embed
-from .reversible import ReversibleBlock, RevBackProp, reversible_stack
+from .options import EngineOptions
+from .rev_mvit import RevMViT
 from .rev_vit import RevViT
-from .variants import create_model, get_pretrained_cfg, list_models
+from .reversible import ReversibleBlock, RevBackProp, compile_subblocks, reversible_stack
+from .variants import build_model, get_model_kwargs, get_pretrained_cfg, list_models
 
 __all__ = [
+    "EngineOptions",
     "MultiScaleAttention",
     "PatchEmbed",
     "TwoStreamFusion",
     "resize_pos_embed",
     "ReversibleBlock",
     "RevBackProp",
+    "RevModelBase",
+    "compile_subblocks",
     "reversible_stack",
     "RevViT",
-    "create_model",
+    "RevMViT",
+    "build_model",
+    "get_model_kwargs",
     "get_pretrained_cfg",
     "list_models",
 ]

@@ -7,6 +7,7 @@ Faithful to the official SlowFast ``ReversibleMViT``: reversible runs of
 width inside their attention and merge the two streams (``pre_q_fusion``). Differences from the
 official code: no config object, q/k/v always one fused Linear, eval returns logits, and
 :meth:`RevMViT.forward_features` returns the per-stage features the official code does not have.
+The SlowFast config keys that describe a Rev-MViT are read in :mod:`revvit_d2.official`.
 """
 import math
 from typing import Dict, List, Sequence, Tuple
@@ -15,16 +16,18 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from .base import RevModelBase
 from .layers import (
     AttentionSubBlock,
     MlpSubBlock,
     MultiScaleAttention,
     PatchEmbed,
     TwoStreamFusion,
-    init_official_weights,
     resize_pos_embed,
 )
-from .reversible import ReversibleBlock, compile_subblocks, drop_path_mask, reversible_stack
+from .options import EngineOptions
+from .replay import drop_path_mask
+from .reversible import ReversibleBlock
 
 __all__ = ["RevMViT", "StageTransitionBlock", "round_width", "mvit_pooling_schedule"]
 
@@ -133,7 +136,7 @@ class _TransitionAttention(nn.Module):
         return self.attn(self.norm(x), thw)
 
 
-class RevMViT(nn.Module):
+class RevMViT(RevModelBase):
     """Reversible multi-scale ViT (no class token, mean pooling over the concatenated streams).
 
     ::
@@ -162,12 +165,13 @@ class RevMViT(nn.Module):
             ``MVIT.REV.BUFFER_LAYERS``).
         pre_q_fusion (str): stream merge at the transitions ("avg", "concat_linear_2", ...).
         sep_pos_embed (bool): separable (spatial + temporal) position embedding.
-        drop_path_rate, dropout_rate, head_dropout_rate, num_classes, fuse, use_rev_backprop,
-        act_checkpoint, parallel_backward, rev_anchor_every, check_finite, compile_blocks: as in
+        drop_path_rate, dropout_rate, head_dropout_rate, num_classes, fuse: as in
             :class:`~revvit_d2.modeling.rev_vit.RevViT`.
-        out_features (sequence): feature levels (``scale2``..``scale5``) that get a learned
-            LayerNorm in :meth:`forward_features` (the Detectron2 backbone sets them); other
-            levels are normalised without affine parameters, the last one by the final norm.
+        use_rev_backprop, act_checkpoint, parallel_backward, rev_anchor_every, check_finite,
+        compile_blocks: the engine's settings, kept as ``self.engine``
+            (:class:`~revvit_d2.modeling.options.EngineOptions`). ``act_checkpoint`` wraps the
+            reversible blocks, not the transitions; ``compile_blocks`` compiles the reversible
+            blocks' F and G, the transitions stay eager.
     """
 
     def __init__(
@@ -202,58 +206,60 @@ class RevMViT(nn.Module):
         rev_anchor_every=0,
         check_finite=False,
         compile_blocks=False,
-        out_features=(),
     ):
         super().__init__()
         input_size = tuple(int(s) for s in input_size)
-        self.is_video = len(input_size) == 3
         if len(patch_kernel) != len(input_size):
             raise ValueError(f"patch_kernel {patch_kernel} does not match input_size {input_size}")
+        transition_layers = _checked_transitions(depth, transition_layers, pool_q_stride, dim_mul)
+        self.engine = EngineOptions(
+            use_rev_backprop=use_rev_backprop, act_checkpoint=act_checkpoint,
+            parallel_backward=parallel_backward, rev_anchor_every=rev_anchor_every,
+            check_finite=check_finite, compile_blocks=compile_blocks)
+        self.is_video = len(input_size) == 3
         self.input_size = input_size
-        self.num_classes = num_classes
-        self.use_rev_backprop = use_rev_backprop
-        self.act_checkpoint = act_checkpoint
-        self.parallel_backward = parallel_backward
-        self.rev_anchor_every = rev_anchor_every
-        self.check_finite = check_finite
         self.sep_pos_embed = sep_pos_embed
 
-        transition_layers = sorted(int(i) for i in transition_layers)
-        q_layers = sorted(int(e[0]) for e in pool_q_stride)
-        mul_layers = sorted({int(e[0]) for e in dim_mul})
-        if set(q_layers) | set(mul_layers) != set(transition_layers):
-            raise ValueError(f"transition_layers {transition_layers} must be exactly the layers "
-                             f"with Q pooling {q_layers} or a width change {mul_layers}")
-        if transition_layers and (transition_layers[0] == 0 or transition_layers[-1] == depth - 1
-                                  or any(b - a == 1 for a, b in zip(transition_layers,
-                                                                     transition_layers[1:]))):
-            raise ValueError("transitions cannot be the first or last layer, nor adjacent: "
-                             f"{transition_layers}")
+        self._build_stem(in_chans, embed_dim, patch_kernel, patch_stride, patch_padding,
+                         dropout_rate)
+        stem_stride = tuple(patch_stride) if self.is_video else (1,) + tuple(patch_stride)
+        width = self._build_layers(
+            depth, embed_dim, num_heads, mlp_ratio, qkv_bias, dim_mul, head_mul,
+            mvit_pooling_schedule(depth, pool_q_stride, pool_kvq_kernel,
+                                  pool_kv_stride_adaptive, pool_kv_stride),
+            transition_layers, pre_q_fusion, drop_path_rate, dropout_rate, stem_stride)
+        self._build_head(width, fuse, dropout_rate, head_dropout_rate, num_classes)
 
+        for name in self.pos_embed_grids:
+            nn.init.trunc_normal_(getattr(self, name), std=0.02)
+        self._finish_init()
+
+    def _build_stem(self, in_chans, embed_dim, patch_kernel, patch_stride, patch_padding,
+                    dropout_rate):
+        """Patch embedding, position embedding(s) of the training grid, and their dropout."""
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_kernel, patch_stride,
                                       patch_padding, conv_2d=not self.is_video)
-        grid = self._stem_grid(input_size, patch_kernel, patch_stride, patch_padding)
+        grid = self._stem_grid(self.input_size, patch_kernel, patch_stride, patch_padding)
         self.patch_grid = grid  # (T, H, W) tokens at the training size
-        if sep_pos_embed:
+        if self.sep_pos_embed:
             self.pos_embed_spatial = nn.Parameter(torch.zeros(1, grid[1] * grid[2], embed_dim))
             self.pos_embed_temporal = nn.Parameter(torch.zeros(1, grid[0], embed_dim))
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), embed_dim))
         self.pos_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
 
+    def _build_layers(self, depth, dim, heads, mlp_ratio, qkv_bias, dim_mul, head_mul, pooling,
+                      transition_layers, pre_q_fusion, drop_path_rate, dropout_rate, stride):
+        """``self.blocks`` (reversible blocks and transitions) and, per stage, the index of its
+        last reversible block, its output width 2C and its stride. Returns the final C."""
         dim_mul_at = {int(i): float(m) for i, m in dim_mul}
         head_mul_at = {int(i): float(m) for i, m in head_mul}
-        pooling = mvit_pooling_schedule(depth, pool_q_stride, pool_kvq_kernel,
-                                        pool_kv_stride_adaptive, pool_kv_stride)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-
         self.blocks = nn.ModuleList()
         self.stage_ends: List[int] = []  # index of the last reversible block of each stage
         self.stage_channels: List[int] = []  # 2C of each stage's output
         self.stage_strides: List[Tuple[int, int, int]] = []
-        dim, heads = embed_dim, num_heads
-        stride = tuple(int(s) for s in ((1,) + tuple(patch_stride) if not self.is_video
-                                        else patch_stride))
+        stride = tuple(int(s) for s in stride)
         for i in range(depth):
             heads = round_width(heads, head_mul_at.get(i, 1.0))
             dim_out = round_width(dim, dim_mul_at.get(i, 1.0))
@@ -276,30 +282,7 @@ class RevMViT(nn.Module):
         self.stage_ends.append(depth - 1)
         self.stage_channels.append(2 * dim)
         self.stage_strides.append(stride)
-
-        self.stack_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
-        self.fuse = TwoStreamFusion(fuse, 2 * dim)
-        self.num_features = dim if self.fuse.halves_width else 2 * dim
-        self.norm = nn.LayerNorm(2 * dim, eps=1e-6)
-        self.head_drop = nn.Dropout(head_dropout_rate) if head_dropout_rate > 0 else nn.Identity()
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-        names = self.feature_names
-        unknown = set(out_features) - set(names)
-        if unknown:
-            raise ValueError(f"unknown out_features {sorted(unknown)}; this model has {names}")
-        self.out_norms = nn.ModuleDict({
-            n: nn.LayerNorm(c, eps=1e-6)
-            for n, c in zip(names, self.stage_channels) if n in out_features})
-
-        if sep_pos_embed:
-            nn.init.trunc_normal_(self.pos_embed_spatial, std=0.02)
-            nn.init.trunc_normal_(self.pos_embed_temporal, std=0.02)
-        else:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(init_official_weights)
-        if compile_blocks:  # the reversible blocks' F and G; transitions stay eager
-            compile_subblocks(self)
+        return dim
 
     @staticmethod
     def _stem_grid(size, kernel, stride, padding) -> Tuple[int, int, int]:
@@ -357,11 +340,9 @@ class RevMViT(nn.Module):
                 start += 1
             run = self.blocks[start:end + 1]
             names = [f"blocks.{i}" for i in range(start, end + 1)]
-            y1, y2 = reversible_stack(run, x, x, thw, self.use_rev_backprop, self.check_finite,
-                                      names, self.act_checkpoint, self.parallel_backward,
-                                  self.rev_anchor_every)
+            y1, y2 = self._run(run, x, x, thw, names)
             x2c = torch.cat([y1, y2], dim=-1)
-            if self.check_finite and not torch.isfinite(x2c).all():
+            if self.engine.check_finite and not torch.isfinite(x2c).all():
                 raise FloatingPointError(f"non-finite values after {names[-1]}")
             yield x2c, thw
             start = end + 1
@@ -374,54 +355,42 @@ class RevMViT(nn.Module):
         return self.stack_drop(out)
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Input -> {"scale2": ..., "scale5": ...}: each stage's two streams, normalised and
-        fused, laid out (B, C, H, W) for images or (B, C, T, H, W) for video."""
+        """Input -> {"scale2": ..., "scale5": ...}: each stage's two streams, normalised (see
+        :meth:`_level_output`), laid out (B, C, H, W) for images or (B, C, T, H, W) for video."""
         feats = {}
         names = self.feature_names
         for k, (tokens, (T, H, W)) in enumerate(self._stages(x)):
-            name = names[k]
-            if name in self.out_norms:
-                y = self.fuse(self.out_norms[name](tokens))
-            elif k == len(names) - 1 and self.norm is not None:
-                y = self.fuse(self.norm(self.stack_drop(tokens)))
-            else:
-                y = nnf.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
+            y = self._level_output(names[k], tokens, last=k == len(names) - 1)
             B, _, C = y.shape
             y = y.transpose(1, 2)
-            feats[name] = y.reshape(B, C, T, H, W) if self.is_video else y.reshape(B, C, H, W)
+            feats[names[k]] = y.reshape(B, C, T, H, W) if self.is_video else y.reshape(B, C, H, W)
         return feats
 
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.fuse(self.norm(tokens)).mean(dim=1)
-        return self.head(self.head_drop(x))
+    def _level_output(self, name: str, tokens: torch.Tensor, last: bool) -> torch.Tensor:
+        """(B, N, 2C) stage tokens -> normalised tokens: the last stage through the classifier's
+        final norm and fusion, the others by a LayerNorm without affine parameters. (The
+        Detectron2 backbone gives each returned level a learned norm instead.)"""
+        if last:
+            return self.fuse(self.norm(self.stack_drop(tokens)))
+        return nnf.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) or (B, 3, T, H, W) -> logits (B, num_classes); never softmax."""
         return self.forward_head(self.forward_tokens(x))
 
-    @staticmethod
-    def kwargs_from_slowfast_cfg(cfg, get) -> dict:
-        """Architecture arguments from an official SlowFast config (`get(cfg, "A.B")` reads
-        a key with the official defaults)."""
-        if get(cfg, "MVIT.REV.RES_PATH") != "conv":
-            raise ValueError("MVIT.REV.RES_PATH must be 'conv' (the official 'max' path is broken)")
-        if get(cfg, "MVIT.MODE") != "conv":
-            raise ValueError(f"MVIT.MODE {get(cfg, 'MVIT.MODE')!r} is not supported (only 'conv')")
-        is_2d = bool(get(cfg, "MVIT.PATCH_2D"))
-        crop = int(get(cfg, "DATA.TRAIN_CROP_SIZE"))
-        frames = int(get(cfg, "DATA.NUM_FRAMES"))
-        return dict(
-            input_size=(crop, crop) if is_2d else (frames, crop, crop),
-            patch_kernel=tuple(get(cfg, "MVIT.PATCH_KERNEL")),
-            patch_stride=tuple(get(cfg, "MVIT.PATCH_STRIDE")),
-            patch_padding=tuple(get(cfg, "MVIT.PATCH_PADDING")),
-            dim_mul=[tuple(e) for e in get(cfg, "MVIT.DIM_MUL")],
-            head_mul=[tuple(e) for e in get(cfg, "MVIT.HEAD_MUL")],
-            pool_q_stride=[tuple(e) for e in get(cfg, "MVIT.POOL_Q_STRIDE")],
-            pool_kvq_kernel=get(cfg, "MVIT.POOL_KVQ_KERNEL"),
-            pool_kv_stride_adaptive=get(cfg, "MVIT.POOL_KV_STRIDE_ADAPTIVE"),
-            pool_kv_stride=[tuple(e) for e in get(cfg, "MVIT.POOL_KV_STRIDE")],
-            transition_layers=tuple(get(cfg, "MVIT.REV.BUFFER_LAYERS")),
-            pre_q_fusion=get(cfg, "MVIT.REV.PRE_Q_FUSION"),
-            sep_pos_embed=bool(get(cfg, "MVIT.SEP_POS_EMBED")),
-        )
+
+def _checked_transitions(depth, transition_layers, pool_q_stride, dim_mul) -> List[int]:
+    """The sorted transition layers, after checking that they are exactly the layers that pool
+    Q or change the width, and that none is the first, the last or next to another."""
+    transition_layers = sorted(int(i) for i in transition_layers)
+    q_layers = sorted(int(e[0]) for e in pool_q_stride)
+    mul_layers = sorted({int(e[0]) for e in dim_mul})
+    if set(q_layers) | set(mul_layers) != set(transition_layers):
+        raise ValueError(f"transition_layers {transition_layers} must be exactly the layers "
+                         f"with Q pooling {q_layers} or a width change {mul_layers}")
+    if transition_layers and (transition_layers[0] == 0 or transition_layers[-1] == depth - 1
+                              or any(b - a == 1 for a, b in zip(transition_layers,
+                                                                 transition_layers[1:]))):
+        raise ValueError("transitions cannot be the first or last layer, nor adjacent: "
+                         f"{transition_layers}")
+    return transition_layers

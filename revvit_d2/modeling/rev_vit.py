@@ -14,20 +14,15 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from .layers import (
-    AttentionSubBlock,
-    MlpSubBlock,
-    PatchEmbed,
-    TwoStreamFusion,
-    init_official_weights,
-    resize_pos_embed,
-)
-from .reversible import ReversibleBlock, compile_subblocks, reversible_stack
+from .base import RevModelBase
+from .layers import AttentionSubBlock, MlpSubBlock, PatchEmbed, resize_pos_embed
+from .options import EngineOptions
+from .reversible import ReversibleBlock
 
 __all__ = ["RevViT"]
 
 
-class RevViT(nn.Module):
+class RevViT(RevModelBase):
     """Reversible ViT (no class token, mean pooling over the concatenated streams).
 
     ::
@@ -51,18 +46,9 @@ class RevViT(nn.Module):
         head_dropout_rate (float): dropout before the classifier (``MODEL.DROPOUT_RATE``).
         num_classes (int): classes; 0 builds no head and ``forward`` returns pooled features.
         fuse (str): how the two streams are merged at the end (:class:`TwoStreamFusion`).
-        use_rev_backprop (bool): memory-saving reversible backward (False: plain autograd).
-        act_checkpoint (bool): with ``use_rev_backprop=False``, activation checkpointing per
-            block (``torch.utils.checkpoint``); a baseline for the memory benchmarks.
-        parallel_backward (bool): PaReprop schedule of the reversible backward (inversion of
-            the previous block on a second CUDA stream); same gradients. CUDA only in effect.
-        rev_anchor_every (int): store the streams every k blocks (bounds the accumulation of
-            inversion error; one stored pair per k blocks).
-        check_finite (bool): raise naming the first block whose output is not finite.
-        compile_blocks (bool): ``torch.compile`` (default backend) the attention and MLP
-            sub-blocks of every reversible block (:func:`~revvit_d2.modeling.reversible.
-            compile_subblocks`); the reversible engine itself stays eager. Compiles lazily, on
-            the first forward.
+        use_rev_backprop, act_checkpoint, parallel_backward, rev_anchor_every, check_finite,
+        compile_blocks: the engine's settings, kept as ``self.engine``
+            (:class:`~revvit_d2.modeling.options.EngineOptions`, which documents each).
         pos_embed_interp (str): interpolation used when the input grid differs from the
             training grid ("bicubic").
         window_size (int): if > 0, blocks not in ``global_block_indexes`` attend within windows
@@ -100,15 +86,13 @@ class RevViT(nn.Module):
         for s in img_size:
             if s % patch_size:
                 raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.engine = EngineOptions(
+            use_rev_backprop=use_rev_backprop, act_checkpoint=act_checkpoint,
+            parallel_backward=parallel_backward, rev_anchor_every=rev_anchor_every,
+            check_finite=check_finite, compile_blocks=compile_blocks)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
-        self.num_classes = num_classes
-        self.use_rev_backprop = use_rev_backprop
-        self.act_checkpoint = act_checkpoint
-        self.parallel_backward = parallel_backward
-        self.rev_anchor_every = rev_anchor_every
-        self.check_finite = check_finite
         self.pos_embed_interp = pos_embed_interp
         self.patch_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
 
@@ -127,18 +111,10 @@ class RevViT(nn.Module):
             )
             for i in range(depth)
         )
-        self.stack_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
-        self.fuse = TwoStreamFusion(fuse, 2 * embed_dim)
-        self.num_features = embed_dim if self.fuse.halves_width else 2 * embed_dim
-        # Official order: LayerNorm over the 2C concatenation, then fusion, then token mean.
-        self.norm = nn.LayerNorm(2 * embed_dim, eps=1e-6)
-        self.head_drop = nn.Dropout(head_dropout_rate) if head_dropout_rate > 0 else nn.Identity()
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._build_head(embed_dim, fuse, dropout_rate, head_dropout_rate, num_classes)
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(init_official_weights)
-        if compile_blocks:
-            compile_subblocks(self)
+        self._finish_init()
 
     @property
     def block_names(self) -> List[str]:
@@ -158,16 +134,13 @@ class RevViT(nn.Module):
         x, thw = self.patch_embed(x)  # (B, N, C)
         return self.pos_drop(x + self._pos_embed(thw[1:])), thw
 
-    def _run(self, x1, x2, thw, start: int, end: int):
-        return reversible_stack(self.blocks[start:end], x1, x2, thw, self.use_rev_backprop,
-                                self.check_finite, self.block_names[start:end],
-                                self.act_checkpoint, self.parallel_backward,
-                                self.rev_anchor_every)
+    def _run_blocks(self, x1, x2, thw, start: int, end: int):
+        return self._run(self.blocks[start:end], x1, x2, thw, self.block_names[start:end])
 
     def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
         """(B, 3, H, W) -> tokens (B, N, 2C) of the two concatenated streams, and the grid."""
         x, thw = self._embed(x)
-        y1, y2 = self._run(x, x, thw, 0, len(self.blocks))
+        y1, y2 = self._run_blocks(x, x, thw, 0, len(self.blocks))
         return self.stack_drop(torch.cat([y1, y2], dim=-1)), thw
 
     def forward_features(self, x: torch.Tensor,
@@ -186,7 +159,7 @@ class RevViT(nn.Module):
             raise ValueError(f"block_indices must lie in [0, {len(self.blocks) - 1}]")
         feats, x1, x2, start = {}, x, x, 0
         for end in cuts:
-            x1, x2 = self._run(x1, x2, thw, start, end)
+            x1, x2 = self._run_blocks(x1, x2, thw, start, end)
             if end - 1 in block_indices:
                 t = torch.cat([x1, x2], dim=-1)
                 t = nnf.layer_norm(t, t.shape[-1:], eps=1e-6)
@@ -196,11 +169,6 @@ class RevViT(nn.Module):
         feat = self.fuse(self.norm(tokens))  # (B, N, num_features)
         feats["last_feat"] = feat.transpose(1, 2).reshape(feat.shape[0], -1, h, w)
         return feats
-
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, N, 2C) -> logits (B, classes) (or pooled features if num_classes == 0)."""
-        x = self.fuse(self.norm(tokens)).mean(dim=1)  # (B, num_features)
-        return self.head(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes); never softmax."""

@@ -1,16 +1,24 @@
-"""Named model variants with pinned dimensions and their metadata, and ``create_model``.
+"""Named model variants with pinned dimensions and their metadata, and ``build_model``.
 
 Each variant records the keyword arguments of its class and a ``pretrained_cfg`` (timm style)
 that the tools read: input size, normalisation mean/std *with their scale*, crop fraction,
-interpolation, and the official checkpoint file name.
+interpolation, and the official checkpoint file name. This registry is the one source of each
+variant's dimensions (the video hub derives its defaults from it).
+
+``build_model`` gives a model with its initial weights; ``revvit_d2.create_model`` (in
+:mod:`revvit_d2.factory`) also loads a checkpoint.
 """
 import copy
 from typing import Any, Callable, Dict
 
 from torch import nn
 
+from .rev_mvit import RevMViT
+from .rev_vit import RevViT
+
 __all__ = [
-    "create_model", "list_models", "get_pretrained_cfg", "get_model_kwargs", "register_variant",
+    "build_model", "list_models", "get_pretrained_cfg", "get_model_kwargs", "get_model_class",
+    "register_variant",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # on the 0-1 scale (after dividing by 255)
@@ -36,42 +44,30 @@ def register_variant(name: str, cls: Callable[..., nn.Module], kwargs: Dict[str,
     _VARIANTS[name] = dict(cls=cls, kwargs=kwargs, pretrained_cfg=pretrained_cfg)
 
 
-def _rev_vit(**kwargs):
-    from .rev_vit import RevViT
-
-    return RevViT(**kwargs)
-
-
 # Official REV_VIT_S / REV_VIT_B (SlowFast configs/ImageNet); drop path is the official
 # training value. There is no official Rev-ViT-L config: 1024 wide, 24 blocks, 16 heads as in the
 # paper, drop path 0.2 is our choice (as ViT-B's).
 register_variant(
-    "rev_vit_s", _rev_vit,
+    "rev_vit_s", RevViT,
     dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, drop_path_rate=0.1),
     dict(_IMAGENET_EVAL, checkpoint="REV_VIT_S.pyth", top1=79.9),
 )
 register_variant(
-    "rev_vit_b", _rev_vit,
+    "rev_vit_b", RevViT,
     dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, drop_path_rate=0.2),
     dict(_IMAGENET_EVAL, checkpoint="REV_VIT_B.pyth", top1=81.8),
 )
 register_variant(
-    "rev_vit_l", _rev_vit,
+    "rev_vit_l", RevViT,
     dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, drop_path_rate=0.2),
     dict(_IMAGENET_EVAL, checkpoint=None),
 )
 # Tiny variant for tests and the built-in demo (same shape as the oracle's tiny Rev-ViT).
 register_variant(
-    "rev_vit_test", _rev_vit,
+    "rev_vit_test", RevViT,
     dict(img_size=64, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0, num_classes=10),
     dict(_IMAGENET_EVAL, input_size=(3, 64, 64), num_classes=10, checkpoint=None),
 )
-
-
-def _rev_mvit(**kwargs):
-    from .rev_mvit import RevMViT
-
-    return RevMViT(**kwargs)
 
 
 _MVIT_B_SCHEDULE = dict(
@@ -81,7 +77,7 @@ _MVIT_B_SCHEDULE = dict(
 )
 # Official REV_MVIT_B_16_CONV (ImageNet-1k).
 register_variant(
-    "rev_mvit_b", _rev_mvit,
+    "rev_mvit_b", RevMViT,
     dict(_MVIT_B_SCHEDULE, input_size=(224, 224), patch_kernel=(7, 7), patch_stride=(4, 4),
          patch_padding=(3, 3), qkv_bias=True, pool_kvq_kernel=(1, 3, 3),
          pool_kv_stride_adaptive=(1, 4, 4), pre_q_fusion="concat_linear_2",
@@ -96,7 +92,7 @@ _KINETICS_EVAL = dict(
     test_num_clips=5, test_num_crops=1, num_classes=400,
 )
 register_variant(
-    "rev_mvit_b_16x4", _rev_mvit,
+    "rev_mvit_b_16x4", RevMViT,
     dict(_MVIT_B_SCHEDULE, input_size=(16, 224, 224), patch_kernel=(3, 7, 7),
          patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), qkv_bias=False,
          pool_kvq_kernel=(3, 3, 3), pool_kv_stride_adaptive=(1, 8, 8), pre_q_fusion="avg",
@@ -110,14 +106,14 @@ _MVIT_TEST_SCHEDULE = dict(
     pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2)), transition_layers=(1, 3), num_classes=10,
 )
 register_variant(
-    "rev_mvit_test", _rev_mvit,
+    "rev_mvit_test", RevMViT,
     dict(_MVIT_TEST_SCHEDULE, input_size=(64, 64), patch_kernel=(7, 7), patch_stride=(4, 4),
          patch_padding=(3, 3), pool_kvq_kernel=(1, 3, 3), pool_kv_stride_adaptive=(1, 4, 4),
          pre_q_fusion="concat_linear_2"),
     dict(_IMAGENET_EVAL, input_size=(3, 64, 64), num_classes=10, checkpoint=None),
 )
 register_variant(
-    "rev_mvit_video_test", _rev_mvit,
+    "rev_mvit_video_test", RevMViT,
     dict(_MVIT_TEST_SCHEDULE, input_size=(4, 64, 64), patch_kernel=(3, 7, 7),
          patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), qkv_bias=False,
          pool_kvq_kernel=(3, 3, 3), pool_kv_stride_adaptive=(1, 4, 4), pre_q_fusion="avg",
@@ -128,43 +124,40 @@ register_variant(
 
 
 def list_models():
-    """Names accepted by :func:`create_model`."""
+    """Names accepted by :func:`build_model` (and ``revvit_d2.create_model``)."""
     return sorted(_VARIANTS)
+
+
+def _variant(name: str) -> Dict[str, Any]:
+    if name not in _VARIANTS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _VARIANTS[name]
 
 
 def get_pretrained_cfg(name: str) -> Dict[str, Any]:
     """Metadata of a variant (input size, mean/std and their scale, crop, interpolation...)."""
-    if name not in _VARIANTS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return copy.deepcopy(_VARIANTS[name]["pretrained_cfg"])
+    return copy.deepcopy(_variant(name)["pretrained_cfg"])
 
 
 def get_model_kwargs(name: str) -> Dict[str, Any]:
     """The constructor arguments a variant pins (a copy)."""
-    if name not in _VARIANTS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return copy.deepcopy(_VARIANTS[name]["kwargs"])
+    return copy.deepcopy(_variant(name)["kwargs"])
 
 
-def create_model(name: str, checkpoint=None, **overrides) -> nn.Module:
-    """Build a named variant.
+def get_model_class(name: str) -> Callable[..., nn.Module]:
+    """The class a variant builds (``RevViT`` or ``RevMViT``)."""
+    return _variant(name)["cls"]
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """Build a named variant with its initial weights (no checkpoint).
 
     Args:
         name: one of :func:`list_models` (``rev_vit_s``, ``rev_vit_b``, ``rev_vit_l``, ...).
-        checkpoint: optional path or dict of an official SlowFast / mmpretrain or revvit
-            checkpoint, loaded strictly with :func:`revvit_d2.load_pretrained`.
         **overrides: constructor arguments replacing the variant's (``num_classes``,
             ``use_rev_backprop``, ``drop_path_rate``, ``img_size``...).
     """
-    if name not in _VARIANTS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    spec = _VARIANTS[name]
-    kwargs = dict(spec["kwargs"])
-    kwargs.update(overrides)
-    model = spec["cls"](**kwargs)
+    spec = _variant(name)
+    model = spec["cls"](**dict(spec["kwargs"], **overrides))
     model.pretrained_cfg = get_pretrained_cfg(name)
-    if checkpoint is not None:
-        from ..checkpoint import load_pretrained
-
-        load_pretrained(model, checkpoint)
     return model

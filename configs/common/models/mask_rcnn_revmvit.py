@@ -3,11 +3,16 @@
 Starts from detectron2's ``common/models/mask_rcnn_fpn.py`` with the MViTv2 detection choices
 (LN in the box/mask heads, 2-conv RPN, 4conv1fc box head).
 """
+from dataclasses import asdict
+
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
 from revvit_d2.d2 import RevMViTBackbone
+from revvit_d2.modeling import EngineOptions, get_model_kwargs
+
+_REV_MVIT_B = {k: v for k, v in get_model_kwargs("rev_mvit_b").items() if k != "num_classes"}
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 constants = model_zoo.get_config("common/data/constants.py").constants
@@ -17,25 +22,17 @@ model.input_format = "RGB"
 
 model.backbone = L(FPN)(
     bottom_up=L(RevMViTBackbone)(
-        input_size=(224, 224),  # pre-training grid of the position embedding
-        patch_kernel=(7, 7),
-        patch_stride=(4, 4),
-        patch_padding=(3, 3),
-        embed_dim=96,
-        depth=16,
-        num_heads=1,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        dim_mul=((1, 2.0), (3, 2.0), (14, 2.0)),
-        head_mul=((1, 2.0), (3, 2.0), (14, 2.0)),
-        pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2), (14, 1, 2, 2)),
-        pool_kvq_kernel=(1, 3, 3),
-        pool_kv_stride_adaptive=(1, 4, 4),
-        transition_layers=(1, 3, 14),
-        pre_q_fusion="concat_linear_2",
-        drop_path_rate=0.2,
-        use_rev_backprop=True,
-        out_features=("scale2", "scale3", "scale4", "scale5"),
+        # Rev-MViT-B's dimensions from the variant registry (input_size (224, 224): the
+        # pre-training grid of the position embedding), with the detection settings below.
+        **dict(
+            _REV_MVIT_B,
+            drop_path_rate=0.2,
+            # the reversible engine's options at their defaults (use_rev_backprop, act_checkpoint,
+            # parallel_backward, rev_anchor_every, check_finite, compile_blocks; documented in
+            # revvit_d2.modeling.EngineOptions), e.g. override ...use_rev_backprop=False
+            **asdict(EngineOptions()),
+            out_features=("scale2", "scale3", "scale4", "scale5"),
+        ),
     ),
     in_features="${.bottom_up.out_features}",
     out_channels=256,

@@ -1,0 +1,70 @@
+"""What Rev-ViT and Rev-MViT share: the engine options and the classification head.
+
+Both models end the same way (official order: LayerNorm over the 2C concatenation of the two
+streams, then fusion, then the token mean)::
+
+    tokens (B, N, 2C) ─ LN(2C) ─ fuse ─ mean over tokens ─ dropout ─ Linear ─ logits
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .layers import TwoStreamFusion, init_official_weights
+from .options import EngineOptions
+from .reversible import compile_subblocks, reversible_stack
+
+__all__ = ["RevModelBase"]
+
+
+class RevModelBase(nn.Module):
+    """Base of :class:`~revvit_d2.modeling.RevViT` and :class:`~revvit_d2.modeling.RevMViT`.
+
+    ``self.engine`` holds the :class:`EngineOptions` built from the constructor's flat keyword
+    arguments. Each option can also be read and (except ``compile_blocks``, which acts at
+    construction) set as a model attribute: ``model.use_rev_backprop = False`` replaces
+    ``model.engine`` by a copy with that option changed.
+    """
+
+    engine: EngineOptions
+
+    def _build_head(self, width: int, fuse: str, dropout_rate: float, head_dropout_rate: float,
+                    num_classes: int):
+        """The stack-output dropout, fusion, final norm and classifier for streams of width C."""
+        self.num_classes = num_classes
+        self.stack_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
+        self.fuse = TwoStreamFusion(fuse, 2 * width)
+        self.num_features = width if self.fuse.halves_width else 2 * width
+        self.norm = nn.LayerNorm(2 * width, eps=1e-6)
+        self.head_drop = nn.Dropout(head_dropout_rate) if head_dropout_rate > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _finish_init(self):
+        """Official initialisation of every submodule, then the optional compilation."""
+        self.apply(init_official_weights)
+        if self.engine.compile_blocks:  # the reversible blocks' F and G only
+            compile_subblocks(self)
+
+    def _run(self, blocks, x1: torch.Tensor, x2: torch.Tensor, thw: Sequence[int],
+             names: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A run of reversible blocks through the engine, with this model's options."""
+        return reversible_stack(blocks, x1, x2, thw, self.engine, names)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, 2C) -> logits (B, classes) (or pooled features if num_classes == 0)."""
+        x = self.fuse(self.norm(tokens)).mean(dim=1)  # (B, num_features)
+        return self.head(self.head_drop(x))
+
+
+def _option_property(name: str, settable: bool) -> property:
+    def get(self):
+        return getattr(self.engine, name)
+
+    def set(self, value):
+        self.engine = self.engine.replace(**{name: value})
+
+    return property(get, set if settable else None, doc=f"``self.engine.{name}``")
+
+
+for _name in EngineOptions.names():
+    setattr(RevModelBase, _name, _option_property(_name, settable=_name != "compile_blocks"))

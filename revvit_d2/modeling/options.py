@@ -1,0 +1,55 @@
+"""The settings of the reversible engine, as one typed object.
+
+The models take these settings as flat keyword arguments with the same names
+(``RevViT(use_rev_backprop=False, rev_anchor_every=4)``) and keep them as one
+:class:`EngineOptions` in ``model.engine``; the engine (:func:`~revvit_d2.modeling.reversible.
+reversible_stack`) receives that object. Every builder (variants, video builders, yacs, LazyConfig)
+exposes exactly these field names.
+"""
+import dataclasses
+
+__all__ = ["EngineOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How a stack of reversible blocks is run. The defaults are the memory-saving engine.
+
+    Args:
+        use_rev_backprop (bool): memory-saving reversible backward; False runs the same blocks
+            under plain autograd (same arithmetic, same random draws).
+        act_checkpoint (bool): with ``use_rev_backprop=False``, wrap each reversible block in
+            ``torch.utils.checkpoint`` (the activation-checkpointing baseline of the memory
+            benchmarks). Non-reversible layers (Rev-MViT's stage transitions) are not wrapped.
+        parallel_backward (bool): PaReprop schedule of the reversible backward: on CUDA the
+            inversion of block i-1 runs on a second stream while block i's gradients are
+            computed; same gradients. On a CPU it runs sequentially (useful only to test it).
+        rev_anchor_every (int): if > 0, store the two streams every this many blocks, so the
+            inversion error cannot accumulate over more blocks; costs one stored pair per chunk.
+        check_finite (bool): raise ``FloatingPointError`` naming the first block whose output is
+            not finite (one device sync per block).
+        compile_blocks (bool): ``torch.compile`` the F and G sub-blocks of every reversible block
+            when the model is built (:func:`~revvit_d2.modeling.reversible.compile_subblocks`);
+            the engine itself stays eager. Compiles lazily, on the first forward.
+    """
+
+    use_rev_backprop: bool = True
+    act_checkpoint: bool = False
+    parallel_backward: bool = False
+    rev_anchor_every: int = 0
+    check_finite: bool = False
+    compile_blocks: bool = False
+
+    def __post_init__(self):
+        if int(self.rev_anchor_every) != self.rev_anchor_every or self.rev_anchor_every < 0:
+            raise ValueError(f"rev_anchor_every must be an integer >= 0, got "
+                             f"{self.rev_anchor_every!r}")
+
+    @classmethod
+    def names(cls):
+        """The option names, in declaration order (the keyword arguments every builder takes)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "EngineOptions":
+        """A copy with some options changed (the object itself is frozen)."""
+        return dataclasses.replace(self, **changes)
