@@ -8,7 +8,7 @@ import torch
 import revvit_d2
 from revvit_d2.modeling.flops import count_flops, count_parameters
 
-from conftest import load_oracle
+from _helpers import load_oracle
 
 
 @pytest.mark.parametrize("name,params", [
