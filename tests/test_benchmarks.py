@@ -1,6 +1,7 @@
-"""Smoke test of benchmarks/memory_vs_depth.py: it runs end to end on tiny settings and writes
-its three outputs. The memory targets themselves (flat reversible curve) are checked by the
-benchmark run recorded in docs/memory_vs_depth.md, not here."""
+"""The benchmark scripts end to end on tiny settings: each runs, writes its outputs and orders
+what it measures as expected where that is robust at tiny size (the inversion error by
+precision). The full-size figures are the runs recorded in docs/results/, not checked here
+(benchmarks/detector_memory.py: tests/test_detector_memory.py)."""
 import json
 import math
 import re
