@@ -218,8 +218,8 @@ def _reference_accuracy(val_dir: Path, checkpoint: Path):
     one image at a time, labels from the class folders' numeric prefixes, unreadable files
     left out."""
     model = revvit_d2.create_model("rev_vit_test").eval()
-    sd = revvit_d2.convert_slowfast_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
-    model.load_state_dict(sd, strict=True)
+    official = torch.load(checkpoint, weights_only=True)["state_dict"]
+    model.load_state_dict(revvit_d2.convert_slowfast_state_dict(official), strict=True)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     top1 = top5 = n = 0
     for class_dir in sorted(val_dir.iterdir()):
