@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test test-fast clean-venv
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -17,6 +17,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# For everyday development (docs/development.md): the suite without the tests marked `slow`
+# (tool runs, training runs, benchmarks end to end). `make test` stays the full check.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf .venv

@@ -13,7 +13,7 @@ within each round. The first compiled step, which includes compilation, is repor
 Example (the committed CPU run; on a GPU pass ``--device cuda``):
 
     python benchmarks/compile_speed.py --model rev_vit_s --batch 8 --plain \
-        --out docs/compile_speed_cpu
+        --out docs/results/compile_speed_cpu
 """
 import argparse
 import json
@@ -121,7 +121,7 @@ def main(argv=None):
     p.add_argument("--plain", action="store_true", help="also plain autograd eager vs compiled")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch threads on the CPU")
-    p.add_argument("--out", default="docs/compile_speed")
+    p.add_argument("--out", default="docs/results/compile_speed")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.device == "cpu":

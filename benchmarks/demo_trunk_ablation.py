@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The trunk ablation behind the detection demo's design (docs/detection.md, "What closed the
+"""The trunk ablation behind the detection demo's design (docs/detection.md, "What closes the
 gap"): the demo config with one change, trained from scratch for a short schedule on the
 synthetic shapes and scored on its validation split.
 
@@ -139,7 +139,8 @@ def main():
             [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", str(config),
              f"train.output_dir={out / 'run'}", f"train.max_iter={args.iters}",
              f"train.eval_period={args.iters}", f"train.checkpointer.period={args.iters}",
-             f"train.seed={args.seed}", f"lr_multiplier.warmup_length={args.warmup}"], stdout=f, stderr=subprocess.STDOUT, env=env)
+             f"train.seed={args.seed}", f"lr_multiplier.warmup_length={args.warmup}"],
+            stdout=f, stderr=subprocess.STDOUT, env=env)
     lines = log.read_text().splitlines()
     for line in lines:
         if "Overall training speed" in line or "copypaste: " in line:

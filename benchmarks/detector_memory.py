@@ -31,9 +31,9 @@ CPU is the same model at a smaller input, stated in the output.
 
 Examples::
 
-    python benchmarks/detector_memory.py          # the CPU run in docs/detector_memory.*
+    python benchmarks/detector_memory.py          # the CPU run in docs/results/detector_memory.*
     python benchmarks/detector_memory.py --device cuda --img-size 1024 \\
-        --dtypes float32 float16 bfloat16 --out docs/detector_memory_gpu
+        --dtypes float32 float16 bfloat16 --out docs/results/detector_memory_gpu
 """
 import argparse
 import json
@@ -289,7 +289,7 @@ def write_markdown(path, table, ratio, info, settings, command):
         "",
         "```bash",
         "python benchmarks/detector_memory.py --device cuda --img-size 1024 \\",
-        "    --dtypes float32 float16 bfloat16 --out docs/detector_memory_gpu",
+        "    --dtypes float32 float16 bfloat16 --out docs/results/detector_memory_gpu",
         "```",
         "",
     ]
@@ -300,8 +300,8 @@ def run_parent(args, argv):
     b1, b2 = args.batch_sizes
     if b1 >= b2:
         sys.exit("detector_memory: --batch-sizes needs two sizes, smaller first")
-    out = args.out or str(ROOT / "docs" / ("detector_memory_gpu" if args.device == "cuda"
-                                           else "detector_memory"))
+    out = args.out or str(ROOT / "docs" / "results" / (
+        "detector_memory_gpu" if args.device == "cuda" else "detector_memory"))
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     # Variants innermost: neighbouring processes measure different models under the same
@@ -367,8 +367,8 @@ def parse_args(argv):
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="LazyConfig override applied to every variant, repeatable")
     p.add_argument("--out", default="",
-                   help="output prefix for .json and .md (default docs/detector_memory, "
-                        "docs/detector_memory_gpu on CUDA)")
+                   help="output prefix for .json and .md (default docs/results/detector_memory, "
+                        "docs/results/detector_memory_gpu on CUDA)")
     p.add_argument("--quiet", action="store_true")
     # child-only arguments
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -19,8 +19,8 @@ model per side; with CUDA numbers also memory per image and the largest batch).
 Example (GPU, the acceptance run):
 
     python benchmarks/memory_speed.py --device cuda --dtypes float32 bfloat16 \
-        --out docs/memory_speed_gpu
-    python benchmarks/memory_speed.py --plot-only docs/memory_speed_cpu.json
+        --out docs/results/memory_speed_gpu
+    python benchmarks/memory_speed.py --plot-only docs/results/memory_speed_cpu.json
 """
 import argparse
 import json
@@ -274,7 +274,7 @@ def main(argv=None):
     p.add_argument("--largest-batch", action="store_true", help="also search the largest batch")
     p.add_argument("--parallel", action="store_true", help="add the parallel reversible backward")
     p.add_argument("--mvit", action="store_true", help="add Rev-MViT-B vs plain autograd")
-    p.add_argument("--out", default="docs/memory_speed")
+    p.add_argument("--out", default="docs/results/memory_speed")
     p.add_argument("--plot-only", metavar="JSON",
                    help="only redraw the plot of a saved run (written next to it as .png)")
     args = p.parse_args(argv)

@@ -47,7 +47,7 @@ same per-sample figure as 4 and 10 within about 0.2 MiB for the default model.
 
 Examples::
 
-    python benchmarks/memory_vs_depth.py                       # the default run (docs/)
+    python benchmarks/memory_vs_depth.py                       # the default run (docs/results/)
     python benchmarks/memory_vs_depth.py --depths 4 8 --modes reversible plain \\
         --img-size 64 --width 64 --heads 2 --batch-sizes 1 2 --json /tmp/m.json \\
         --markdown /tmp/m.md --plot /tmp/m.png
@@ -356,9 +356,9 @@ def parse_args(argv):
     p.add_argument("--depth-kwarg", default="depth", help="create_model keyword for the depth")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra create_model keyword (Python literal), repeatable")
-    p.add_argument("--json", default=str(ROOT / "docs" / "memory_vs_depth.json"))
-    p.add_argument("--markdown", default=str(ROOT / "docs" / "memory_vs_depth.md"))
-    p.add_argument("--plot", default=str(ROOT / "docs" / "memory_vs_depth.png"))
+    p.add_argument("--json", default=str(ROOT / "docs" / "results" / "memory_vs_depth.json"))
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "memory_vs_depth.md"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "results" / "memory_vs_depth.png"))
     p.add_argument("--quiet", action="store_true")
     # child-only arguments
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

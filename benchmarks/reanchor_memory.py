@@ -8,7 +8,7 @@ Prediction: with k > 0 the stack runs as ceil(depth / k) reversible chunks and e
 its output pair of streams for its backward, so anchoring adds (chunks - 1) pairs, i.e.
 (chunks - 1) * 2 * tokens * width * 4 bytes per sample in float32.
 
-    python benchmarks/reanchor_memory.py --out docs/reanchor_memory
+    python benchmarks/reanchor_memory.py --out docs/results/reanchor_memory
 """
 import argparse
 import json
@@ -51,7 +51,7 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-sizes", type=int, nargs=2, default=[2, 6])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default="docs/reanchor_memory")
+    p.add_argument("--out", default="docs/results/reanchor_memory")
     args = p.parse_args(argv)
     tokens = (args.img_size // 16) ** 2
     runs, rows = {}, []

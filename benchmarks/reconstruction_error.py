@@ -15,10 +15,10 @@ whole depth.
 
 Precisions: float64, float32, bfloat16 autocast (the recomputation runs under the same
 autocast state as the forward, as the engine does; the residual streams stay float32), and
-"bfloat16-streams" (the whole model cast to bfloat16, so the streams themselves are bfloat16). Random init (the official initialisation),
-trained weights may behave differently: the error grows with |activations| / |residual branch|.
+"bfloat16-streams" (the whole model cast to bfloat16, so the streams themselves are bfloat16).
+Random init (the official initialisation); trained weights may behave differently: the error grows with |activations| / |residual branch|.
 
-    python benchmarks/reconstruction_error.py --out docs/reconstruction_error
+    python benchmarks/reconstruction_error.py --out docs/results/reconstruction_error
 """
 import argparse
 import json
@@ -107,7 +107,7 @@ def main(argv=None):
     p.add_argument("--anchor-every", type=int, nargs="+", default=[0],
                    help="rev_anchor_every values to compare (0 = no re-anchoring)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="docs/reconstruction_error")
+    p.add_argument("--out", default="docs/results/reconstruction_error")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -48,11 +48,11 @@ def build_detector():
 
 
 def detector_batch():
-    from test_d2 import _fake_batch
+    from _d2_helpers import fake_batch
 
     # the same two images on every rank: per-rank and global normalisers then agree
     torch.manual_seed(123)
-    return _fake_batch(6, size=(96, 128))
+    return fake_batch(6, size=(96, 128))
 
 
 def detector_grads(model, batch):

@@ -1,22 +1,9 @@
+"""Fixtures and collection hooks. Helpers that test files import live in _helpers.py (golden
+data) and _d2_helpers.py (tiny Detectron2 backbones and batches)."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-ORACLE_DIRS = [ROOT / "tests" / "data" / "oracle", ROOT.parent / "shared" / "oracle"]
-
-
-def oracle_path(name: str) -> Path:
-    for d in ORACLE_DIRS:
-        if (d / name).exists():
-            return d / name
-    pytest.skip(f"oracle file {name} not found in {[str(d) for d in ORACLE_DIRS]}")
-
-
-def load_oracle(name: str):
-    return torch.load(oracle_path(name), weights_only=True)
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ import torch
 
 from revvit_d2 import create_model
 
+pytestmark = pytest.mark.slow  # every case runs a tool in a subprocess (make test, not test-fast)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 SETUP_FILES = {"config.yaml", "log.txt"}  # written by detectron2's default_setup

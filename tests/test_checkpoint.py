@@ -9,7 +9,7 @@ import torch
 import revvit_d2
 from revvit_d2.checkpoint import CheckpointMismatchError, detect_format
 
-from conftest import load_oracle
+from _helpers import load_oracle
 
 KEYS = Path(__file__).resolve().parent / "data" / "keys"
 

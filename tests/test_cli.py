@@ -29,13 +29,14 @@ def test_one_line():
     assert one_line(KeyError()) == "KeyError"
 
 
-@pytest.mark.parametrize("num", [1, 2])
+@pytest.mark.parametrize("num", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_expected_error_is_one_line_once(num):
     code, lines, proc = _run("expected", num)
     assert code == 1, proc.stderr
     assert lines == ["error: no such dataset: shapes_val (registered: shapes_train)"], proc.stderr
 
 
+@pytest.mark.slow
 def test_killed_process_is_reported_in_one_line():
     code, lines, proc = _run("killed", 2)
     assert code == 1, proc.stderr
@@ -43,7 +44,7 @@ def test_killed_process_is_reported_in_one_line():
     assert "SIGKILL" in lines[0], lines
 
 
-@pytest.mark.parametrize("num", [1, 2])
+@pytest.mark.parametrize("num", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_unexpected_exception_keeps_its_traceback(num):
     code, _, proc = _run("unexpected", num)
     assert code != 0

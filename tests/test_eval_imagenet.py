@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from revvit_d2 import create_model, get_pretrained_cfg, load_pretrained
+import revvit_d2
+from revvit_d2 import get_pretrained_cfg
 from revvit_d2.data.imagefolder import (
     SafeImageFolder,
     build_eval_loader,
@@ -22,9 +23,12 @@ from revvit_d2.data.imagefolder import (
 )
 from revvit_d2.data.synthetic.imagenet import SHAPES, make_synthetic_imagefolder
 
+from _helpers import oracle_path
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "eval_imagenet.py"
-ORACLE = ROOT.parent / "shared" / "oracle" / "slowfast_revvit_tiny.pt"
+ORACLE = "slowfast_revvit_tiny.pt"  # tests/data/oracle: official SlowFast weights and logits
+IMAGENET_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "ImageNet").glob("*.py"))
 SUMMARY = re.compile(r"^\* Acc@1 (?P<top1>[\d.]+) Acc@5 (?P<top5>[\d.]+) images (?P<images>\d+) "
                      r"skipped (?P<skipped>\d+) images/s [\d.]+ params (?P<params>[\d,]+) "
                      r"GFLOPs [\d.]+$")
@@ -110,12 +114,8 @@ def test_synthetic_folder_deterministic_and_idempotent(tmp_path, monkeypatch):
         make_synthetic_imagefolder(tmp_path / "real", **TINY)
 
 
-def test_synthetic_default_size_is_fast(tmp_path):
-    import time
-
-    t0 = time.perf_counter()
+def test_synthetic_default_size(tmp_path):
     root = make_synthetic_imagefolder(tmp_path / "d")
-    assert time.perf_counter() - t0 < 10
     assert len(_files(root / "train")) == len(_files(root / "val")) == 200
 
 
@@ -211,51 +211,55 @@ def test_tool_defaults_generate_builtin_data(tmp_path):
     assert "random" in proc.stdout  # no checkpoint: said so
 
 
-def _reference_accuracy(val_dir: Path):
-    model = create_model("rev_vit_test").eval()
-    load_pretrained(model, torch.load(ORACLE, weights_only=True))
-    t = build_eval_transform(64, 0.875, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    classes = sorted(p.name for p in val_dir.iterdir())
-    xs, labels = [], []
-    for label, c in enumerate(classes):
-        for f in sorted((val_dir / c).glob("*.JPEG")):
+def _reference_accuracy(val_dir: Path, checkpoint: Path):
+    """Top-1 / top-5 (%) and image count, computed apart from the tool: weights straight from
+    the oracle's state dict, the PIL / numpy preprocessing of _manual (73 = int(64 / 0.875)),
+    one image at a time, labels from the class folders' numeric prefixes, unreadable files
+    left out."""
+    model = revvit_d2.create_model("rev_vit_test").eval()
+    official = torch.load(checkpoint, weights_only=True)["state_dict"]
+    model.load_state_dict(revvit_d2.convert_slowfast_state_dict(official), strict=True)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    top1 = top5 = n = 0
+    for class_dir in sorted(val_dir.iterdir()):
+        label = int(class_dir.name.split("_")[0])
+        for f in sorted(class_dir.glob("*.JPEG")):
             try:
-                xs.append(t(Image.open(f).convert("RGB")))
+                img = Image.open(f).convert("RGB")
             except OSError:
                 continue
-            labels.append(label)
-    with torch.no_grad():
-        top = model(torch.stack(xs)).topk(5, dim=1).indices
-    hit = top == torch.tensor(labels)[:, None]
-    n = len(labels)
-    return (100.0 * hit[:, 0].sum().item() / n, 100.0 * hit.any(dim=1).sum().item() / n, n)
+            with torch.no_grad():
+                logits = model(_manual(img, 73, 64, mean, std)[None])[0]
+            ranked = logits.argsort(descending=True).tolist()
+            top1 += ranked[0] == label
+            top5 += label in ranked[:5]
+            n += 1
+    return 100.0 * top1 / n, 100.0 * top5 / n, n
 
 
 def test_tool_with_oracle_checkpoint_and_corrupt_image(tiny_folder, tmp_path):
-    if not ORACLE.is_file():
-        pytest.skip(f"oracle checkpoint {ORACLE} not found")
+    checkpoint = oracle_path(ORACLE)
     val = _corrupt_copy(tiny_folder / "val", tmp_path / "val")
-    proc = run_tool("--checkpoint", ORACLE, f"eval.data={val}", "eval.batch_size=8",
+    proc = run_tool("--checkpoint", checkpoint, f"eval.data={val}", "eval.batch_size=8",
                     "eval.num_workers=1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"loaded checkpoint {ORACLE} (slowfast format)" in proc.stdout
+    assert f"loaded checkpoint {checkpoint} (slowfast format)" in proc.stdout
     assert "skipping unreadable image" in proc.stdout and "garbage.JPEG" in proc.stdout
     m = summary(proc)
     assert (int(m["images"]), int(m["skipped"])) == (30, 2)
-    top1, top5, n = _reference_accuracy(val)
+    top1, top5, n = _reference_accuracy(val, checkpoint)
     assert n == 30
     assert float(m["top1"]) == pytest.approx(top1, abs=1e-3)
     assert float(m["top5"]) == pytest.approx(top5, abs=1e-3)
 
 
-@pytest.mark.parametrize("name,model_name", [("rev_vit_test_eval.py", "rev_vit_test"),
-                                             ("rev_vit_s_eval.py", "rev_vit_s"),
-                                             ("rev_vit_b_eval.py", "rev_vit_b")])
-def test_every_imagenet_config_loads_and_builds(name, model_name):
+@pytest.mark.parametrize("name", IMAGENET_CONFIGS)
+def test_every_imagenet_config_loads_and_builds(name):
     from detectron2.config import LazyConfig, instantiate
 
-    cfg = LazyConfig.load(str(Path(__file__).resolve().parents[1] / "configs" / "ImageNet" / name))
-    assert cfg.model.name == model_name and "data" in cfg.eval and "checkpoint" in cfg.eval
+    cfg = LazyConfig.load(str(ROOT / "configs" / "ImageNet" / name))
+    assert cfg.model.name == name[:-len("_eval.py")]  # each file is named after its model
+    assert "data" in cfg.eval and "checkpoint" in cfg.eval
     with torch.device("meta"):
         model = instantiate(cfg.model)
     assert model.pretrained_cfg["num_classes"] == model.head.out_features

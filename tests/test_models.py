@@ -12,7 +12,7 @@ import revvit_d2
 from revvit_d2.modeling import EngineOptions, RevModelBase, RevMViT, RevViT, build_model
 from revvit_d2.modeling.flops import count_flops, count_parameters
 
-from conftest import load_oracle
+from _helpers import load_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = 1_000_000  # variants below this are built for real and trained one step

@@ -9,7 +9,7 @@ import torch
 
 import revvit_d2
 
-from conftest import load_oracle
+from _helpers import load_oracle
 
 CASES = {
     "slowfast_revvit_tiny.pt": (

@@ -71,9 +71,9 @@ def test_rev_mvit_video_any_clip(models, batch, t, s, dtype):
 def test_detectron2_backbones_pad_and_match_output_shape(batch, h, w):
     from detectron2.structures import ImageList
 
-    from test_d2 import _fpn, _sfp
+    from _d2_helpers import tiny_fpn, tiny_sfp
 
-    for make in (_sfp, _fpn):
+    for make in (tiny_sfp, tiny_fpn):
         backbone = _BACKBONES.setdefault(make, make().eval())
         images = ImageList.from_tensors([torch.randn(3, h, w) for _ in range(batch)],
                                         backbone.size_divisibility,

@@ -1,7 +1,6 @@
 """revvit_video: builders, hub entry points, the pytorchvideo compatibility alias, Kinetics data
 with PyAV (skipping and counting bad files), multi-view aggregation, checkpointing and
 tools/run_video.py end to end."""
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ from revvit_video import (
 )
 from revvit_video.models import video_builder_kwargs
 
-from conftest import load_oracle
+from _helpers import load_oracle, official_key_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "run_video.py"
@@ -145,13 +144,7 @@ def test_hub_b16x4_names_match_create_model_and_the_official_keys():
 
     from revvit_video.hub import convert_to_video_state_dict
 
-    keys = ROOT.parent / "shared" / "reference" / "official_keys_REV_MVIT_B_16x4.txt"
-    if not keys.is_file():
-        pytest.skip(f"{keys} not available")
-    official = {}
-    for line in keys.read_text().splitlines():
-        name, shape = line.split(None, 1)
-        official[name] = torch.empty(json.loads(shape), device="meta")
+    official = official_key_shapes("official_keys_REV_MVIT_B_16x4.txt")
     converted = convert_to_video_state_dict({"model_state": official})
     assert {k: tuple(v.shape) for k, v in converted.items()} == expect
 
