@@ -52,7 +52,7 @@ from pytorchvideo.data import LabeledVideoDataset, make_clip_sampler
 from pytorchvideo.data.labeled_video_paths import LabeledVideoPaths
 from pytorchvideo.data.video import VideoPathHandler
 
-from revvit_d2.d2.determinism import derive_seed, seeded_rng
+from revvit_d2.utils.seeding import derive_seed, seeded_rng
 
 from .transforms import build_test_transform, build_train_transform
 

@@ -31,7 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.serialize import PicklableWrapper
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .determinism import derive_seed, seeded_rng
+from ..utils.seeding import derive_seed, seeded_rng
 
 __all__ = ["ResumableTrainingStream", "build_resumable_train_loader"]
 
