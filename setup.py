@@ -24,6 +24,8 @@ setup(
         "revvit_d2.data",
         "revvit_d2.data.synthetic",
         "revvit_d2.d2",
+        "revvit_d2.training",
+        "revvit_d2.utils",
         "revvit_video",
     ],
     package_dir={"revvit_video": "video"},

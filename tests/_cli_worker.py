@@ -1,11 +1,11 @@
 """Launched by tests/test_cli.py in a fresh interpreter: ``python _cli_worker.py KIND N`` runs
-``revvit_d2.cli.launch_guarded`` with N processes whose main function does KIND."""
+``revvit_d2.training.launch_guarded`` with N processes whose main function does KIND."""
 import os
 import signal
 import sys
 import types
 
-from revvit_d2.cli import ToolError, launch_guarded
+from revvit_d2.training.cli import ToolError, launch_guarded
 
 
 def expected(args):

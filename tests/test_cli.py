@@ -1,4 +1,4 @@
-"""revvit_d2.cli: the error report every tool shares, through detectron2's launch with one and
+"""revvit_d2.training.cli: the error report every tool shares, through detectron2's launch with one and
 with two processes (gloo on a CPU): an expected error is one ``error:`` line printed once and
 exit status 1; a process killed by a signal is one line too; an unexpected exception keeps its
 traceback."""
@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from revvit_d2.cli import ToolError, one_line  # noqa: E402
+from revvit_d2.training.cli import ToolError  # noqa: E402
+from revvit_d2.utils.errors import one_line  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_cli_worker.py"
 

@@ -16,13 +16,11 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
-
-import torch
 
 import revvit_d2
 from revvit_d2.checkpoint import describe_mapping, detect_format
-from revvit_d2.cli import EXIT_ERROR, ToolError, one_line, print_error
+from revvit_d2.utils.errors import EXIT_ERROR, UserError, one_line, print_error
+from revvit_d2.utils.io import atomic_torch_save, read_checkpoint
 
 
 def parse_args(argv=None):
@@ -41,13 +39,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not os.path.isfile(args.source):
-        print_error(ToolError(f"no such checkpoint file: {args.source}"))
-        return EXIT_ERROR
     try:
-        ckpt = torch.load(args.source, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(args.source)
     except Exception as e:  # noqa: BLE001 - empty, truncated or not a checkpoint at all
-        print_error(ToolError(f"cannot read checkpoint {args.source}: {one_line(e)}"))
+        print_error(UserError(f"cannot read checkpoint {args.source}: {one_line(e)}"))
         return EXIT_ERROR
     try:
         fmt = detect_format(ckpt) if args.format == "auto" else args.format
@@ -60,18 +55,12 @@ def main(argv=None) -> int:
             revvit_d2.load_pretrained(model, sd, fmt="revvit")
             print(f"verified: loads strictly into {args.model}")
     except (KeyError, ValueError, revvit_d2.CheckpointMismatchError) as e:
-        print_error(ToolError(str(e)))
+        print_error(UserError(str(e)))
         return EXIT_ERROR
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"model": sd, "source": os.path.basename(args.source), "format": fmt}, tmp)
-        os.replace(tmp, args.output)  # atomic: never a half-written output file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    # atomic: never a half-written output file
+    atomic_torch_save({"model": sd, "source": os.path.basename(args.source), "format": fmt},
+                      args.output)
     print(f"wrote {len(sd)} tensors to {args.output}")
     return 0
 

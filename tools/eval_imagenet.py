@@ -21,12 +21,29 @@ import sys
 import time
 from pathlib import Path
 
-from revvit_d2.cli import (
-    EXIT_ERROR,
+from revvit_d2.utils.errors import quiet_import_warnings
+
+quiet_import_warnings()  # before detectron2 imports
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from revvit_d2.data.imagefolder import (  # noqa: E402
+    SafeImageFolder,
+    build_eval_loader,
+    eval_transform_from_cfg,
+)
+from revvit_d2.data.synthetic.imagenet import (  # noqa: E402
+    default_synthetic_root,
+    make_synthetic_imagefolder,
+)
+from revvit_d2.modeling.flops import count_flops, count_parameters  # noqa: E402
+from revvit_d2.training import (  # noqa: E402
     ToolError,
+    build,
+    launch_guarded,
+    load_checked,
     load_tool_config,
-    print_error,
-    quiet_import_warnings,
     tool_parser,
 )
 
@@ -58,12 +75,7 @@ def setup_logging():
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-# ------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------
 def load_config(args):
-    from omegaconf import OmegaConf
-
     def shortcuts(cfg):
         if args.checkpoint is not None:
             value = None if args.checkpoint.lower() in ("", "none", "null") else args.checkpoint
@@ -81,8 +93,6 @@ def load_config(args):
 # Data, model, checkpoint
 # ------------------------------------------------------------------------------------------
 def prepare_data(data):
-    from revvit_d2.data.synthetic.imagenet import default_synthetic_root, make_synthetic_imagefolder
-
     if data is None or str(data).strip() == "":
         raise ToolError("eval.data is not set (an ImageFolder directory: <data>/<class>/<image>)")
     path = Path(os.path.expanduser(os.path.expandvars(str(data))))
@@ -96,8 +106,6 @@ def prepare_data(data):
 
 
 def open_dataset(path):
-    from revvit_d2.data.imagefolder import SafeImageFolder
-
     try:
         return SafeImageFolder(path)  # checks the folder before any model is built
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
@@ -105,8 +113,6 @@ def open_dataset(path):
 
 
 def build_loader(dataset, transform, ecfg, device):
-    from revvit_d2.data.imagefolder import build_eval_loader
-
     try:
         return build_eval_loader(dataset, transform, batch_size=int(ecfg.get("batch_size", 64)),
                                  num_workers=int(ecfg.get("num_workers", 2)),
@@ -117,41 +123,11 @@ def build_loader(dataset, transform, ecfg, device):
 
 
 def build_model(cfg):
-    from detectron2.config import instantiate
-
-    inst_logger = logging.getLogger("detectron2.config.instantiate")
-    level = inst_logger.level
-    inst_logger.setLevel(logging.CRITICAL)  # its "Error when instantiating" repeats ours
-    try:
-        model = instantiate(cfg.model)
-    except (KeyError, TypeError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise ToolError(f"cannot build the model: {msg}") from None
-    finally:
-        inst_logger.setLevel(level)
+    model = build(cfg.model, "the model")
     if not hasattr(model, "pretrained_cfg"):
         raise ToolError("the configured model has no pretrained_cfg (build it with "
                         "revvit_d2.create_model)")
     return model
-
-
-def _read_checkpoint(path: Path):
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds non-tensor Python objects; loading it with weights_only=False "
-                       "(only do this with files you trust)", path)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ToolError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ToolError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
 def checkpoint_path(checkpoint):
@@ -162,25 +138,6 @@ def checkpoint_path(checkpoint):
         raise ToolError(f"checkpoint not found: {path} (set eval.checkpoint=<file>, or "
                         f"eval.checkpoint=null to evaluate random weights)")
     return path
-
-
-def load_checkpoint(model, path, model_name):
-    from revvit_d2 import CheckpointMismatchError, load_pretrained
-    from revvit_d2.checkpoint import detect_format
-
-    ckpt = _read_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise ToolError(f"checkpoint {path} is a {type(ckpt).__name__}, not a dict")
-    fmt = detect_format(ckpt)
-    try:
-        report = load_pretrained(model, ckpt)
-    except CheckpointMismatchError as e:
-        raise ToolError(f"checkpoint {path} ({fmt} format) does not fit model {model_name}: "
-                        f"{e}") from None
-    except KeyError as e:
-        raise ToolError(f"checkpoint {path} ({fmt} format): {e.args[0] if e.args else e}") from None
-    logger.info("loaded checkpoint %s (%s format): %d tensors", path, fmt, len(report["loaded"]))
-    return report
 
 
 def _model_input_size(model):
@@ -199,8 +156,6 @@ def _model_input_size(model):
 # Evaluation
 # ------------------------------------------------------------------------------------------
 def evaluate(model, loader, device, num_classes, log_period):
-    import torch
-
     n_batches = len(loader)
     total = len(loader.dataset)
     top1 = top5 = seen = 0
@@ -249,41 +204,17 @@ def evaluate(model, loader, device, num_classes, log_period):
                 skipped=len(skipped), seconds=elapsed, model_seconds=model_time)
 
 
-def run(args):
-    import torch
-
-    from revvit_d2.data.imagefolder import eval_transform_from_cfg
-    from revvit_d2.modeling.flops import count_flops, count_parameters
-
-    cfg, cfg_path = load_config(args)
-    ecfg = cfg.eval
-    logger.info("config %s", cfg_path)
-
-    use_cuda = torch.cuda.is_available() and args.num_gpus > 0
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if args.num_gpus > 1:
-        logger.warning("--num-gpus %d: this tool evaluates on a single device", args.num_gpus)
-
-    data = prepare_data(ecfg.get("data"))
-    dataset = open_dataset(data)
-    checkpoint = checkpoint_path(ecfg.get("checkpoint"))
-    torch.manual_seed(0)  # a run without checkpoint evaluates the same random weights each time
-    model = build_model(cfg)
-    name = cfg.model.get("name", type(model).__name__)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, name)
-    else:
-        logger.info("no checkpoint: evaluating randomly initialised weights (seed 0; accuracy "
-                    "is at chance level)")
-    model.eval().to(device)
-
+def do_test(cfg, model, dataset, device):
+    """Single-crop evaluation of `model` on `dataset`; prints the results (the last line starts
+    with ``* Acc@1``) and returns them."""
+    name, data = cfg.model.get("name", type(model).__name__), cfg.eval.data
     pcfg = dict(model.pretrained_cfg)
     pcfg["input_size"] = (3,) + tuple(_model_input_size(model))
     try:
         transform = eval_transform_from_cfg(pcfg)
     except ValueError as e:
         raise ToolError(f"preprocessing: {e}") from None
-    dataset, loader = build_loader(dataset, transform, ecfg, device)
+    dataset, loader = build_loader(dataset, transform, cfg.eval, device)
     num_classes = int(getattr(model, "num_classes", pcfg.get("num_classes", 0)))
     if len(dataset.classes) > num_classes:
         raise ToolError(f"{data} has {len(dataset.classes)} class folders but model {name} "
@@ -300,8 +231,7 @@ def run(args):
 
     params = count_parameters(model)
     flops = count_flops(model, (torch.zeros(1, 3, h, w, device=device),))
-
-    res = evaluate(model, loader, device, num_classes, int(ecfg.get("log_period", 20)))
+    res = evaluate(model, loader, device, num_classes, int(cfg.eval.get("log_period", 20)))
     if res["images"] == 0:
         raise ToolError(f"no image of {data} could be read ({res['skipped']} skipped)")
     ips = res["images"] / max(res["seconds"], 1e-9)
@@ -318,20 +248,32 @@ def run(args):
     return res
 
 
-def main(argv=None):
-    quiet_import_warnings()
+def main(args):
+    cfg, cfg_path = load_config(args)
+    logger.info("config %s", cfg_path)
+    use_cuda = torch.cuda.is_available() and args.num_gpus > 0
+    device = torch.device("cuda" if use_cuda else "cpu")
+    cfg.eval.data = str(prepare_data(cfg.eval.get("data")))
+    dataset = open_dataset(cfg.eval.data)
+    checkpoint = checkpoint_path(cfg.eval.get("checkpoint"))
+    torch.manual_seed(0)  # a run without checkpoint evaluates the same random weights each time
+    model = build_model(cfg)
+    if checkpoint is not None:
+        load_checked(model, checkpoint, f"model {cfg.model.get('name', type(model).__name__)}")
+    else:
+        logger.info("no checkpoint: evaluating randomly initialised weights (seed 0; accuracy "
+                    "is at chance level)")
+    return do_test(cfg, model.eval().to(device), dataset, device)
+
+
+def invoke_main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        run(args)
-    except ToolError as e:
-        print_error(e)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    if args.num_gpus > 1:
+        logger.warning("--num-gpus %d: this tool evaluates on a single device", args.num_gpus)
+        args.num_gpus = 1
+    return launch_guarded(main, args)  # one process: reports an expected error in one line
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(invoke_main())

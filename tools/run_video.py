@@ -19,15 +19,43 @@ import os
 import sys
 from pathlib import Path
 
-from revvit_d2.cli import (
-    EXIT_ERROR,
+from revvit_d2.utils.errors import quiet_import_warnings
+
+quiet_import_warnings()  # before detectron2 and pytorchvideo import
+
+import torch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from revvit_d2.training import (  # noqa: E402
+    AtomicCheckpointer,
+    SeedState,
     ToolError,
+    add_seed_keys,
+    build,
+    build_trainer,
+    check_start_checkpoint,
+    ddp,
+    last_checkpoint_file,
     launch_guarded,
+    load_checked,
     load_tool_config,
-    print_error,
-    quiet_import_warnings,
+    metrics_writer,
+    resume_from_checkpoint,
+    resume_point,
+    setup_run,
     tool_parser,
+    training_hooks,
 )
+from revvit_video.data import NoReadableVideoError, read_video_list  # noqa: E402
+from revvit_video.engine import (  # noqa: E402
+    ClipClassificationLoss,
+    VideoAMPTrainer,
+    VideoMetricPrinter,
+    VideoTrainer,
+    evaluate_multiview,
+)
+from revvit_video.hub import load_video_checkpoint  # noqa: E402
+from revvit_d2.data.synthetic.kinetics import default_synthetic_root, make_synthetic_kinetics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/Kinetics/rev_mvit_test_synthetic.py"
@@ -48,8 +76,6 @@ def build_parser():
 # Config and data checks (run once, before any process is launched)
 # ------------------------------------------------------------------------------------------
 def load_config(args):
-    from revvit_d2.d2.determinism import add_seed_keys
-
     return load_tool_config(args.config_file, DEFAULT_CONFIG,
                             ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
                             args.opts, REPO_ROOT, prepare=lambda cfg: add_seed_keys(cfg.train))
@@ -58,9 +84,6 @@ def load_config(args):
 def prepare_data(cfg, eval_only: bool):
     """Check the configured video lists; generate the built-in synthetic dataset when a list
     is its default location and it does not exist yet."""
-    from revvit_video.data import read_video_list
-    from revvit_d2.data.synthetic.kinetics import default_synthetic_root, make_synthetic_kinetics
-
     splits = ("test",) if eval_only else ("train", "test")
     synthetic = default_synthetic_root().resolve()
     for split in splits:
@@ -90,50 +113,21 @@ def prepare_data(cfg, eval_only: bool):
 # ------------------------------------------------------------------------------------------
 # Per-process work
 # ------------------------------------------------------------------------------------------
-def setup(args):
-    from detectron2.engine import default_setup
-    from detectron2.utils import comm
-    from detectron2.utils.logger import setup_logger
-
-    import torch
-
-    from revvit_d2.d2.determinism import set_deterministic
-
-    cfg, _ = load_config(args)
-    default_setup(cfg, args)
-    set_deterministic(bool(cfg.train.deterministic))
-    threads = cfg.train.get("num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    output_dir = cfg.train.get("output_dir")
-    for name in ("revvit_video", "revvit_d2", "run_video"):
-        setup_logger(output_dir, distributed_rank=comm.get_rank(), name=name)
-    return cfg
-
-
 def get_device(cfg):
-    import torch
-
     want = str(cfg.train.get("device", "auto"))
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
         raise ToolError("train.device is 'cuda' but CUDA is not available")
     if want == "cuda":
-        from detectron2.utils import comm
-
         return torch.device("cuda", comm.get_local_rank())
     return torch.device(want)
 
 
-def amp_dtype(cfg, device):
-    import torch
-
+def amp_dtype(cfg):
+    """``train.amp.dtype`` when ``train.amp.enabled``, else None (autocast is CUDA only)."""
     amp = cfg.train.get("amp") or {}
     if not amp.get("enabled", False):
-        return None
-    if device.type != "cuda":
-        logger.info("train.amp.enabled is ignored on %s (autocast is used on CUDA only)", device)
         return None
     name = str(amp.get("dtype", "float16"))
     if name not in ("float16", "bfloat16"):
@@ -142,52 +136,23 @@ def amp_dtype(cfg, device):
 
 
 def build_model(cfg, device):
-    from detectron2.config import instantiate
-
-    inst_logger = logging.getLogger("detectron2.config.instantiate")
-    level = inst_logger.level
-    inst_logger.setLevel(logging.CRITICAL)  # its "Error when instantiating" repeats ours
-    try:
-        model = instantiate(cfg.model)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ToolError(f"cannot build the model: {e}") from None
-    finally:
-        inst_logger.setLevel(level)
-    return model.to(device)
+    model = build(cfg.model, "the model").to(device)
+    logger.info("model: %s, %d parameters", type(model).__name__,
+                sum(p.numel() for p in model.parameters()))
+    return model
 
 
 def load_weights(model, path, load_head=True):
-    from revvit_d2 import CheckpointMismatchError
-    from revvit_video.hub import load_video_checkpoint
-
-    try:
-        report = load_video_checkpoint(model, os.path.expanduser(str(path)), load_head=load_head)
-    except FileNotFoundError as e:
-        raise ToolError(str(e)) from None
-    except (CheckpointMismatchError, KeyError) as e:
-        raise ToolError(f"checkpoint {path} does not fit the model: {e}") from None
-    logger.info("loaded weights from %s (%d trunk tensors, head %s)", path,
-                len(report["loaded"]), "loaded" if report["head"] else "not loaded")
-
-
-def build_test_loader(cfg):
-    from detectron2.config import instantiate
-
-    try:
-        return instantiate(cfg.dataloader.test)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise ToolError(f"dataloader.test: {e}") from None
+    load_checked(getattr(model, "module", model), os.path.expanduser(str(path)), "the model",
+                 load_video_checkpoint, load_head=load_head)
 
 
 def do_test(cfg, model, device, final=False):
     """Multi-view test on dataloader.test; prints the summary on the main process when
     `final`. Returns the results (main process) or {}."""
-    from detectron2.utils import comm
-    from revvit_video.engine import evaluate_multiview
-
-    loader = build_test_loader(cfg)
+    loader = build(cfg.dataloader.test, "the test data loader")
     net = getattr(model, "module", model)
-    res = evaluate_multiview(net, loader, device, amp_dtype(cfg, device),
+    res = evaluate_multiview(net, loader, device, amp_dtype(cfg),  # autocast on CUDA only
                              log_period=int(cfg.train.get("log_period", 20)))
     if not comm.is_main_process():
         return {}
@@ -210,112 +175,71 @@ def do_test(cfg, model, device, final=False):
     return {k: v for k, v in res.items() if k in ("top1", "top5", "videos", "skipped")}
 
 
-def do_train(args, cfg, device):
-    from detectron2.config import instantiate
-    from detectron2.engine import create_ddp_model, hooks
-    from detectron2.utils import comm
-    from detectron2.utils.events import JSONWriter
-    from revvit_d2.d2.checkpoint import last_checkpoint_file
-    from revvit_d2.d2.determinism import ReseedHook, SeedState, resolve_seed, saved_run_state
-    from revvit_video.engine import AtomicCheckpointer, VideoMetricPrinter, VideoTrainer
-
+def build_training(cfg, device, seed: int):
+    """Model (DDP-wrapped), data loader, trainer and checkpointer of a run with `seed`, and
+    its length ``(max_iter, iterations per epoch)``."""
     model = build_model(cfg, device)
-    logger.info("model: %s, %d parameters", type(model).__name__,
-                sum(p.numel() for p in model.parameters()))
-    try:
-        train_loader = instantiate(cfg.dataloader.train)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise ToolError(f"dataloader.train: {e}") from None
+    train_loader = build(cfg.dataloader.train, "the training data loader")
     ipe = train_loader.iters_per_epoch
     max_iter = cfg.train.get("max_iter") or int(round(float(cfg.train.epochs) * ipe))
-    world = comm.get_world_size()
     logger.info("training data: %d videos, %d clips per iteration (%d per process), %d iterations "
                 "per epoch, %d iterations (%.1f epochs)", train_loader.num_videos,
-                train_loader.batch_size * world, train_loader.batch_size, ipe, max_iter,
-                max_iter / ipe)
-
+                train_loader.batch_size * comm.get_world_size(), train_loader.batch_size, ipe,
+                max_iter, max_iter / ipe)
     cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    model = create_ddp_model(model, broadcast_buffers=False,
-                             device_ids=[device.index] if device.type == "cuda" else None)
-    trainer = VideoTrainer(model, train_loader, optimizer, device, amp_dtype(cfg, device),
-                           label_smoothing=float(cfg.train.get("label_smoothing", 0.0)),
-                           clip_grad_l2norm=cfg.train.get("clip_grad_l2norm"), world_size=world)
-    output_dir = cfg.train.output_dir
-    resume_from = saved_seed = None
-    if args.resume:
-        try:
-            resume_from = last_checkpoint_file(output_dir)
-            saved_seed = saved_run_state(resume_from)[0] if resume_from else None
-        except Exception as e:  # noqa: BLE001 - a damaged tag or file is the user's to fix
-            raise ToolError(f"cannot resume from {output_dir}: {type(e).__name__}: {e}") from None
-    seed = resolve_seed(cfg.train.seed, saved_seed)
-    checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer,
+    optimizer = build(cfg.optimizer, "the optimizer")
+    model = ddp(model, device, broadcast_buffers=False)
+    loss = ClipClassificationLoss(model, device, cfg.train.get("label_smoothing", 0.0))
+    trainer = build_trainer(loss, train_loader, optimizer, device, amp_dtype(cfg),
+                            VideoTrainer, VideoAMPTrainer,
+                            clip_grad_l2norm=cfg.train.get("clip_grad_l2norm"))
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer,
                                       save_to_disk=comm.is_main_process(), seed=SeedState(seed))
+    return model, trainer, checkpointer, max_iter, ipe
+
+
+def do_train(args, cfg, device):
+    point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed)
+    model, trainer, checkpointer, max_iter, ipe = build_training(cfg, device, point.seed)
     ckpt_cfg = cfg.train.get("checkpointer") or {}
-    period = int(ckpt_cfg.get("period") or ipe)
-    eval_period = int(cfg.train.get("eval_period") or 0)
-    log_period = int(cfg.train.get("log_period", 20))
-    trainer.register_hooks([
-        ReseedHook(seed),
-        hooks.IterationTimer(),
-        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        hooks.PeriodicCheckpointer(checkpointer, period, max_to_keep=ckpt_cfg.get("max_to_keep"))
-        if comm.is_main_process() else None,
-        hooks.EvalHook(eval_period, lambda: do_test(cfg, model, device), eval_after_train=False)
-        if eval_period else None,
-    ])
-
-    start_iter = 0
-    if resume_from:
+    trainer.register_hooks(training_hooks(
+        point.seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
+        int(cfg.train.get("eval_period") or 0), lambda: do_test(cfg, model, device),
+        eval_after_train=False,  # the final test below prints the summary
+        period=int(ckpt_cfg.get("period") or ipe), max_to_keep=ckpt_cfg.get("max_to_keep")))
+    if point.path:  # model, optimizer, grad scaler, iteration, data position
+        resume_from_checkpoint(checkpointer, trainer, point)
+    elif cfg.train.get("init_checkpoint"):
+        load_weights(model, cfg.train.init_checkpoint,
+                     load_head=not cfg.train.get("init_skip_head", False))
+    if comm.is_main_process():  # once the weights are in: a bad checkpoint leaves no file
+        trainer.register_hooks([metrics_writer(cfg.train.output_dir,
+                                               int(cfg.train.get("log_period", 20)),
+                                               [VideoMetricPrinter(max_iter, ipe)])])
+    trainer.data_loader.start_iter = point.start_iter
+    if point.start_iter < max_iter:
         try:
-            # model, optimizer, grad scaler, iteration, data position
-            checkpointer.load(resume_from)
-        except (RuntimeError, KeyError, OSError) as e:
-            raise ToolError(f"cannot resume from {resume_from}: {e}") from None
-        start_iter = trainer.iter + 1
-        logger.info("resuming from %s at iteration %d (epoch %.2f)", resume_from, start_iter,
-                    start_iter / ipe)
-    else:
-        if args.resume:
-            logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
-        init = cfg.train.get("init_checkpoint")
-        if init:
-            load_weights(getattr(model, "module", model), init,
-                         load_head=not cfg.train.get("init_skip_head", False))
-    # The writers open metrics.json: only once the weights are in (a bad checkpoint leaves no
-    # file). Each line holds the medians over its own log period, so a resumed run writes the
-    # lines of an uninterrupted one (log_period=1: the raw losses).
-    if comm.is_main_process():
-        trainer.register_hooks([hooks.PeriodicWriter(
-            [VideoMetricPrinter(max_iter, ipe),
-             JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=log_period)],
-            period=log_period)])
-    train_loader.start_iter = start_iter
-    if start_iter < max_iter:
-        from revvit_video.data import NoReadableVideoError
-
-        try:
-            trainer.train(start_iter, max_iter)
+            trainer.train(point.start_iter, max_iter)
         except NoReadableVideoError as e:
             raise ToolError(str(e)) from None
     else:
         logger.info("checkpoint is at iteration %d >= max_iter %d: nothing to train",
-                    start_iter, max_iter)
+                    point.start_iter, max_iter)
     return do_test(cfg, model, device, final=True)
 
 
 def main(args):
-    cfg = setup(args)
+    cfg, _ = load_config(args)
+    setup_run(cfg, args, ("revvit_video", "revvit_d2", "run_video"))
+    threads = cfg.train.get("num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     device = get_device(cfg)
     if args.eval_only:
-        from revvit_video.engine import AtomicCheckpointer
-
         model = build_model(cfg, device)
-        checkpointer = AtomicCheckpointer(model, cfg.train.output_dir)
         init = cfg.train.get("init_checkpoint")
-        if args.resume and checkpointer.has_checkpoint():
-            init = checkpointer.get_checkpoint_file()
+        if args.resume:
+            init = last_checkpoint_file(cfg.train.output_dir) or init
         if init:
             load_weights(model, init)
         else:
@@ -325,32 +249,21 @@ def main(args):
     return do_train(args, cfg, device)
 
 
+def check_inputs(args):
+    """The cheap checks, once, before any process is launched or any file is written."""
+    if args.num_gpus < 1:
+        raise ToolError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    cfg, args.config_file = load_config(args)
+    prepare_data(cfg, args.eval_only)
+    check_start_checkpoint(cfg.train.output_dir, cfg.train.get("init_checkpoint"), args.resume)
+
+
 def invoke_main(argv=None) -> int:
-    quiet_import_warnings()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        if args.num_gpus < 1:
-            raise ToolError(f"--num-gpus must be >= 1, got {args.num_gpus}")
-        cfg, path = load_config(args)  # fail fast, once, before processes are launched
-        prepare_data(cfg, args.eval_only)
-        from revvit_d2.d2.checkpoint import check_start_checkpoint
-
-        try:
-            check_start_checkpoint(cfg.train.output_dir, cfg.train.get("init_checkpoint"),
-                                   args.resume)
-        except FileNotFoundError as e:
-            raise ToolError(str(e)) from None
-        args.config_file = path
-        return launch_guarded(main, args)
-    except ToolError as e:
-        print_error(e)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return launch_guarded(main, args, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -22,55 +22,40 @@ cannot be built, a checkpoint of another model) print one ``error:`` line on std
 status 1 before any checkpoint or metrics file is written.
 """
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
-import torch
+from revvit_d2.utils.errors import UserError, quiet_import_warnings
 
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated.*")
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"detectron2\..*")
-warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
-# default_setup's environment report imports it; "no CUDA runtime" is no news on a CPU machine.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+quiet_import_warnings()  # before detectron2 imports
 
-from detectron2.config import instantiate  # noqa: E402
+import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, build_detection_train_loader  # noqa: E402
-from detectron2.engine import (  # noqa: E402
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    hooks,
-)
-from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.events import (  # noqa: E402
-    CommonMetricPrinter,
-    JSONWriter,
-    TensorboardXWriter,
-)
-from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter  # noqa: E402
 
-import revvit_d2.d2.data as coco_synthetic  # noqa: E402  (registers the datasets)
+import revvit_d2.d2.data as d2_data  # noqa: E402  (registers the datasets)
 from revvit_d2 import CheckpointMismatchError  # noqa: E402
-from revvit_d2.cli import ToolError, launch_guarded, load_tool_config  # noqa: E402
 from revvit_d2.d2 import RevvitCheckpointer  # noqa: E402
-from revvit_d2.d2.checkpoint import (  # noqa: E402
-    check_start_checkpoint,
-    last_checkpoint_file,
-)
-from revvit_d2.d2.determinism import (  # noqa: E402
-    ReseedHook,
-    SeedState,
-    add_seed_keys,
-    resolve_seed,
-    saved_run_state,
-    set_deterministic,
-)
 from revvit_d2.d2.sampler import build_resumable_train_loader  # noqa: E402
+from revvit_d2.training import (  # noqa: E402
+    SeedState,
+    ToolError,
+    add_seed_keys,
+    build,
+    build_trainer,
+    check_start_checkpoint,
+    ddp,
+    launch_guarded,
+    load_tool_config,
+    metrics_writer,
+    resume_from_checkpoint,
+    resume_point,
+    setup_run,
+    tool_parser,
+    training_hooks,
+)
 
 logger = logging.getLogger("revvit.train_net")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/COCO/mask_rcnn_revvit_synthetic.py"
@@ -85,45 +70,6 @@ def do_test(cfg, model):
     if comm.is_main_process():
         print_csv_format(results)
     return results
-
-
-def _select_device(cfg):
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU")
-        cfg.train.device = "cpu"
-
-
-def _ddp(cfg, model, **kwargs):
-    # detectron2 passes device_ids=[local rank], which DDP refuses for a CPU module (gloo).
-    if not cfg.train.device.startswith("cuda"):
-        kwargs.setdefault("device_ids", None)
-    return create_ddp_model(model, **kwargs)
-
-
-def _build_trainer(cfg, model, train_loader, optimizer):
-    if cfg.train.amp.enabled:
-        if cfg.train.device.startswith("cuda"):
-            precision = getattr(torch, cfg.train.amp.get("precision", "float16"))
-            # The reversible backward restores the forward's autocast state for its
-            # recomputation, so AMP is safe with use_rev_backprop=True.
-            return AMPTrainer(model, train_loader, optimizer, precision=precision)
-        logger.warning("train.amp.enabled is ignored on the CPU (AMPTrainer needs CUDA)")
-    return SimpleTrainer(model, train_loader, optimizer)
-
-
-def _resume_point(cfg, args):
-    """(checkpoint to resume from or None, seed of the run, first iteration)."""
-    path = last_checkpoint_file(cfg.train.output_dir) if args.resume else None
-    saved_seed, saved_iter = None, -1
-    if path is not None:
-        try:
-            saved_seed, saved_iter = saved_run_state(path)
-        except Exception as e:  # noqa: BLE001 - a damaged file is the user's to fix
-            raise ToolError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
-        if saved_iter is None:
-            raise ToolError(f"cannot resume from {path}: no 'iteration' in it (not a training "
-                            f"checkpoint)")
-    return path, resolve_seed(cfg.train.seed, saved_seed), saved_iter + 1
 
 
 def _resumable(loader_cfg, seed: int, start_iter: int):
@@ -141,59 +87,40 @@ def _resumable(loader_cfg, seed: int, start_iter: int):
 
 
 def do_train(args, cfg):
-    resume_from, seed, start_iter = _resume_point(cfg, args)
+    point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed)
     model = build(cfg.model, "the model")
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
 
     cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    train_loader = build(_resumable(cfg.dataloader.train, seed, start_iter),
+    optimizer = build(cfg.optimizer, "the optimizer")
+    train_loader = build(_resumable(cfg.dataloader.train, point.seed, point.start_iter),
                          "the training data loader")
 
-    model = _ddp(cfg, model, **cfg.train.ddp)
-    trainer = _build_trainer(cfg, model, train_loader, optimizer)
+    model = ddp(model, cfg.train.device, **cfg.train.ddp)
+    amp = cfg.train.amp
+    trainer = build_trainer(model, train_loader, optimizer, cfg.train.device,
+                            getattr(torch, amp.get("precision", "float16")) if amp.enabled
+                            else None)
     checkpointer = RevvitCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                      seed=SeedState(seed))
-    trainer.register_hooks([
-        ReseedHook(seed),
-        hooks.IterationTimer(),
-        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-        if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-    ])
+                                      seed=SeedState(point.seed))
+    trainer.register_hooks(training_hooks(
+        point.seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
+        eval_period=cfg.train.eval_period, eval_fn=lambda: do_test(cfg, model),
+        **cfg.train.checkpointer))
     # Load before the writers open metrics.json: a checkpoint that does not fit leaves no file.
-    checkpointer.resume_or_load(resume_from or cfg.train.init_checkpoint,
-                                resume=resume_from is not None)
-    if resume_from is not None and trainer.iter + 1 != start_iter:
-        raise ToolError(f"{resume_from} holds trainer iteration {trainer.iter}, not "
-                        f"{start_iter - 1}")
+    if point.path is not None:
+        resume_from_checkpoint(checkpointer, trainer, point)
+    else:
+        checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
     if comm.is_main_process():
-        trainer.register_hooks([hooks.PeriodicWriter(
-            _writers(cfg.train.output_dir, cfg.train.max_iter, cfg.train.log_period),
-            period=cfg.train.log_period)])
-    trainer.train(start_iter, cfg.train.max_iter)
-    skipped = coco_synthetic.num_skipped()
+        trainer.register_hooks([metrics_writer(
+            cfg.train.output_dir, cfg.train.log_period,
+            [CommonMetricPrinter(cfg.train.max_iter), TensorboardXWriter(cfg.train.output_dir)])])
+    trainer.train(point.start_iter, cfg.train.max_iter)
+    skipped = d2_data.num_skipped()
     if skipped:
         logger.warning("%d training image(s) could not be read and were skipped", skipped)
-
-
-def _writers(output_dir, max_iter, log_period):
-    # detectron2's default_writers, but each metrics.json line holds the medians over its own
-    # log period instead of a fixed 20-iteration window that overlaps the previous lines: the
-    # lines a resumed run writes equal those of an uninterrupted run, and log_period=1 records
-    # the raw per-iteration losses.
-    return [CommonMetricPrinter(max_iter),
-            JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=log_period),
-            TensorboardXWriter(output_dir)]
-
-
-def _load_config(args):
-    cfg, _ = load_tool_config(args.config_file, str(DEFAULT_CONFIG),
-                              ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
-                              args.opts, prepare=lambda c: add_seed_keys(c.train))
-    return cfg
 
 
 def _dataset_names(cfg):
@@ -206,19 +133,15 @@ def _dataset_names(cfg):
     return names
 
 
-def _register_builtin_datasets(cfg):
-    # The synthetic set is generated on first use (a few seconds), only if the config uses it.
-    if set(_dataset_names(cfg)) & set(coco_synthetic.DEFAULT_NAMES):
-        coco_synthetic.register_synthetic_coco()
-
-
-def _check_inputs(cfg, args):
+def check_inputs(cfg, args):
     """The cheap checks, before default_setup writes anything into train.output_dir."""
-    try:
-        check_start_checkpoint(cfg.train.output_dir, cfg.train.init_checkpoint, args.resume)
-    except FileNotFoundError as e:
-        raise ToolError(str(e)) from None
-    _register_builtin_datasets(cfg)
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on the CPU")
+        cfg.train.device = "cpu"
+    check_start_checkpoint(cfg.train.output_dir, cfg.train.init_checkpoint, args.resume)
+    # The synthetic set is generated on first use (a few seconds), only if the config uses it.
+    if set(_dataset_names(cfg)) & set(d2_data.DEFAULT_NAMES):
+        d2_data.register_synthetic_coco()
     unknown = [n for n in _dataset_names(cfg) if n not in DatasetCatalog.list()]
     if unknown:
         raise ToolError(f"dataset(s) not registered in detectron2's DatasetCatalog: "
@@ -226,35 +149,24 @@ def _check_inputs(cfg, args):
 
 
 def main(args):
-    cfg = _load_config(args)
-    _select_device(cfg)
-    _check_inputs(cfg, args)
-    default_setup(cfg, args)
-    for name in ("revvit", "revvit_d2"):  # this tool's and the checkpoint loader's reports
-        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
-    set_deterministic(bool(cfg.train.deterministic))
+    cfg, _ = load_tool_config(args.config_file, str(DEFAULT_CONFIG),
+                              ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
+                              args.opts, prepare=lambda c: add_seed_keys(c.train))
+    check_inputs(cfg, args)
+    setup_run(cfg, args, ("revvit", "revvit_d2"))  # this tool's and the loaders' reports
     if args.eval_only:
         model = build(cfg.model, "the model")
         model.to(cfg.train.device)
-        model = _ddp(cfg, model)
+        model = ddp(model, cfg.train.device)
         RevvitCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)  # the EvalHook evaluates after the last iteration
 
 
-def build(cfg_node, what: str):
-    """instantiate() with a one-line error for a config that cannot be built."""
-    try:
-        return instantiate(cfg_node)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ToolError(f"cannot build {what}: {type(e).__name__}: {first}") from e
-
-
 def invoke_main() -> int:
-    args = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1]).parse_args()
+    args = tool_parser(__doc__, str(DEFAULT_CONFIG)).parse_args()
     return launch_guarded(main, args,
-                          expected=(ToolError, FileNotFoundError, CheckpointMismatchError))
+                          expected=(UserError, FileNotFoundError, CheckpointMismatchError))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ engine (``SimpleTrainer``, hooks, ``EventStorage``, ``Checkpointer``).
 * :func:`evaluate_multiview`: one pass of a :class:`~revvit_video.data.VideoTestLoader` per
   process, gathered on the main process; top-1 / top-5 over the videos that got at least one
   view, and the count of videos that got none (unreadable files).
-* :class:`VideoTrainer`: detectron2's ``SimpleTrainer`` with a classification step: clips to the
-  device, ``torch.autocast`` on CUDA (float16 with a ``GradScaler``, or bfloat16), cross-entropy
-  with label smoothing, optional gradient clipping, throughput metrics. Its state (saved in
-  checkpoints) includes the position of the training data stream, for an exact resume.
-* :class:`AtomicCheckpointer`: detectron2/fvcore ``Checkpointer`` whose files (and the
-  ``last_checkpoint`` tag) are written to a temporary name and moved into place with
-  ``os.replace``, so an interrupted save never leaves a truncated checkpoint behind; loading our
-  own checkpoints is strict.
+* :class:`ClipClassificationLoss`: a clip classifier as detectron2's trainers call a model
+  (batch -> loss dict): clips to the device, cross-entropy with label smoothing, accuracy and
+  clip-count metrics.
+* :class:`VideoTrainer` / :class:`VideoAMPTrainer`: detectron2's ``SimpleTrainer`` /
+  ``AMPTrainer`` plus gradient clipping and the position of every process's training data
+  stream in the checkpoints, for an exact resume.
+* :class:`~revvit_d2.training.AtomicCheckpointer` (from :mod:`revvit_d2.training`): atomic
+  saves, strict loads.
 * :class:`VideoMetricPrinter`: the periodic progress line (iteration, epoch, loss, lr, clips/s,
   ETA, skipped videos).
 """
@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from detectron2.checkpoint import Checkpointer
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
-from revvit_d2.d2.checkpoint import AtomicSaveMixin
+from revvit_d2.training import AtomicCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,9 @@ __all__ = [
     "topk_correct",
     "MultiViewAccumulator",
     "evaluate_multiview",
+    "ClipClassificationLoss",
     "VideoTrainer",
+    "VideoAMPTrainer",
     "AtomicCheckpointer",
     "VideoMetricPrinter",
 ]
@@ -181,92 +182,93 @@ def evaluate_multiview(model: nn.Module, loader, device: torch.device,
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-class VideoTrainer(SimpleTrainer):
-    """``SimpleTrainer`` for clip classification.
+class ClipClassificationLoss(nn.Module):
+    """A clip classifier as detectron2's trainers expect a model: ``batch -> {"loss_cls": loss}``.
 
-    The data loader yields batches of :func:`~revvit_video.data.collate_video_batch`. A step:
-    move the clips to `device`, forward under ``torch.autocast`` when `amp_dtype` is set and the
-    device is CUDA (the reversible backward recomputes under the same autocast state), loss =
-    cross-entropy with label smoothing in float32, backward (scaled by a ``GradScaler`` for
-    float16), optional L2 gradient clipping, optimizer step.
+    The batch is one of :func:`~revvit_video.data.collate_video_batch`: the clips go to `device`,
+    the loss is cross-entropy with label smoothing in float32. Like detectron2's box heads it
+    records its training accuracy (``train_top1``) and the clips of the step over all processes
+    (``clips``, for clips/s) in the event storage.
+
+    Args:
+        net: the classifier, ``(B, 3, T, H, W) -> (B, K)`` (or its DDP wrapper).
+        device: where the clips go.
+        label_smoothing: of the cross-entropy.
+    """
+
+    def __init__(self, net: nn.Module, device: torch.device, label_smoothing: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.device = device
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        videos = batch["video"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        logits = self.net(videos)  # (B, K)
+        loss = nnf.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        if comm.is_main_process():
+            storage = get_event_storage()
+            top1 = (logits.detach().argmax(dim=1) == labels).float().mean()
+            storage.put_scalar("train_top1", 100.0 * float(top1))
+            storage.put_scalar("clips", videos.shape[0] * comm.get_world_size(),
+                               smoothing_hint=False)
+        return {"loss_cls": loss}
+
+
+class VideoTrainer(SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` (or ``AMPTrainer``: :class:`VideoAMPTrainer`) with what a
+    resumable video stream needs and detectron2 has no place for.
+
+    What differs, and why:
+
+    * optional L2 gradient clipping in ``after_backward`` (after unscaling the gradients under
+      AMP): the LazyConfig path of detectron2 has no clipping of its own;
+    * after each step, every process's data position is gathered (the processes skip
+      different unreadable videos) and saved in the trainer state, so ``--resume`` restarts
+      each stream where it stood: a checkpointer runs on the main process only and cannot
+      gather at save time;
+    * the count of unreadable videos skipped so far goes to the event storage.
+
+    The step itself (forward, backward, metrics, optimizer step) is detectron2's: the model is
+    a :class:`ClipClassificationLoss`.
 
     Args:
         model, data_loader, optimizer: as for ``SimpleTrainer``.
-        device: where the model lives.
-        amp_dtype: None (float32), ``torch.float16`` or ``torch.bfloat16`` (CUDA only).
-        label_smoothing: of the cross-entropy.
         clip_grad_l2norm: max gradient norm, or None.
-        world_size: processes, for the all-process clips/s.
+        **kwargs: for the detectron2 trainer (``AMPTrainer``: ``precision``, ``grad_scaler``).
     """
 
-    def __init__(self, model, data_loader, optimizer, device: torch.device,
-                 amp_dtype: Optional[torch.dtype] = None, label_smoothing: float = 0.0,
-                 clip_grad_l2norm: Optional[float] = None, world_size: int = 1):
-        super().__init__(model, data_loader, optimizer)
-        self.device = device
-        self.amp_dtype = amp_dtype if device.type == "cuda" else None
-        self.label_smoothing = float(label_smoothing)
+    def __init__(self, model, data_loader, optimizer, clip_grad_l2norm: Optional[float] = None,
+                 **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
         self.clip_grad_l2norm = clip_grad_l2norm
-        self.world_size = int(world_size)
-        self.grad_scaler = None
         self._data_states = None  # every process's data position after the last step
-        if self.amp_dtype == torch.float16:
-            self.grad_scaler = torch.amp.GradScaler("cuda")
 
-    def run_step(self):
-        assert self.model.training, "[VideoTrainer] model was changed to eval mode!"
-        start = time.perf_counter()
-        batch = next(self._data_loader_iter)
-        data_time = time.perf_counter() - start
-        videos = batch["video"].to(self.device, non_blocking=True)
-        labels = batch["label"].to(self.device, non_blocking=True)
-
-        with _autocast(self.device, self.amp_dtype):
-            logits = self.model(videos)  # (B, K)
-        loss = nnf.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        self.after_backward()
+    def after_backward(self):
+        super().after_backward()
         if self.clip_grad_l2norm:
-            if self.grad_scaler is not None:
+            if isinstance(self, AMPTrainer):
                 self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_l2norm))
 
-        self._write_metrics({"loss_cls": loss.detach()}, data_time)
-        storage = get_event_storage()
-        if comm.is_main_process():
-            top1 = (logits.detach().argmax(dim=1) == labels).float().mean()
-            storage.put_scalar("train_top1", 100.0 * float(top1))
-            storage.put_scalar("clips", videos.shape[0] * self.world_size, smoothing_hint=False)
-            skipped = getattr(self.data_loader, "skipped", None)
-            if skipped is not None:
-                storage.put_scalar("skipped_videos", len(skipped.paths), smoothing_hint=False)
-
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
+    def run_step(self):
+        super().run_step()
+        skipped = getattr(self.data_loader, "skipped", None)
+        if skipped is not None and comm.is_main_process():
+            self.storage.put_scalar("skipped_videos", len(skipped.paths), smoothing_hint=False)
         if hasattr(self.data_loader, "state_dict"):
-            # Where each process's data stream stands (they skip different unreadable videos);
-            # the main process saves all of them. Every process runs every step: safe to gather.
+            # Every process runs every step: safe to gather here.
             self._data_states = comm.all_gather(self.data_loader.state_dict())
 
     def state_dict(self):
         ret = super().state_dict()
-        if self.grad_scaler is not None:
-            ret["grad_scaler"] = self.grad_scaler.state_dict()
         if self._data_states is not None:
             ret["data"] = {"per_rank": self._data_states}
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if self.grad_scaler is not None and "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         states = state_dict.get("data", {}).get("per_rank", [])
         if hasattr(self.data_loader, "load_state_dict") and states:
             if len(states) == comm.get_world_size():
@@ -276,23 +278,9 @@ class VideoTrainer(SimpleTrainer):
                                "not used", len(states), comm.get_world_size())
 
 
-class AtomicCheckpointer(AtomicSaveMixin, Checkpointer):
-    """detectron2's (fvcore's) ``Checkpointer`` with atomic writes and strict loading.
-
-    fvcore writes ``model_XXXX.pth`` and the ``last_checkpoint`` tag in place, so a job killed
-    while saving leaves a truncated file that ``--resume`` then tries to load. Here both go to a
-    temporary file in the same folder, are flushed and fsync'ed, and are moved into place with
-    ``os.replace`` (atomic on POSIX). Loading a checkpoint of this model is strict: a missing or
-    unexpected key raises instead of being logged and ignored.
-    """
-
-    def _load_model(self, checkpoint: Any):
-        incompatible = super()._load_model(checkpoint)
-        if incompatible.missing_keys or incompatible.unexpected_keys:
-            raise RuntimeError(f"checkpoint does not match the model: missing "
-                               f"{incompatible.missing_keys[:8]}, unexpected "
-                               f"{incompatible.unexpected_keys[:8]}")
-        return incompatible
+class VideoAMPTrainer(VideoTrainer, AMPTrainer):
+    """:class:`VideoTrainer` on detectron2's ``AMPTrainer`` (CUDA autocast; the reversible
+    backward recomputes under the forward's autocast state)."""
 
 
 class VideoMetricPrinter(EventWriter):

@@ -15,7 +15,6 @@ tools/run_video.py). Loading is strict: anything missing, unexpected or mis-shap
 """
 import logging
 import os
-import pickle
 from typing import Any, Dict, Mapping
 
 import torch
@@ -28,6 +27,7 @@ from revvit_d2 import (
     load_pretrained,
 )
 from revvit_d2.checkpoint import unwrap_checkpoint
+from revvit_d2.utils import io
 
 from .models import RevVideoNet, create_rev_mvit, video_builder_kwargs
 
@@ -37,17 +37,10 @@ __all__ = ["rev_mvit_b_16x4", "rev_mvit_video_test", "load_video_checkpoint", "r
            "convert_to_video_state_dict"]
 
 def read_checkpoint(path: str) -> Mapping[str, Any]:
-    """``torch.load`` on the CPU, with ``weights_only=True`` first (a SlowFast file holds only
-    tensors, numbers and its YAML string); other pickles are loaded only after a warning."""
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds non-tensor Python objects; loading it with weights_only=False "
-                       "(only do this with files you trust)", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint stored in `path`, on the CPU: :func:`revvit_d2.utils.io.read_checkpoint`
+    (``weights_only=True`` first: a SlowFast file holds only tensors, numbers and its YAML
+    string; other pickles are loaded only after a warning)."""
+    return io.read_checkpoint(path)
 
 
 def _is_video_format(sd: Mapping[str, Any]) -> bool:

@@ -1,7 +1,7 @@
 """The Detectron2 wrapping of the reversible backbones (imports detectron2)."""
 from .backbone import (HybridStem, LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid,
                        RevViTBackbone)
-from .checkpoint import RevvitCheckpointer, atomic_torch_save, find_reversible_core
+from .checkpoint import RevvitCheckpointer, find_reversible_core
 from .yacs import add_revvit_config, build_revmvit_fpn_backbone, build_revvit_sfp_backbone
 
 __all__ = [
@@ -12,7 +12,6 @@ __all__ = [
     "RevViTBackbone",
     "RevvitCheckpointer",
     "add_revvit_config",
-    "atomic_torch_save",
     "build_revmvit_fpn_backbone",
     "build_revvit_sfp_backbone",
     "find_reversible_core",

@@ -8,27 +8,25 @@ reversible backbone inside the detector (e.g. ``backbone.net.`` below a feature 
 the position embedding if needed, and logs exactly which backbone tensors were loaded and which
 were not. Detector checkpoints (``model_final.pth``) load as usual.
 
-``save`` writes to a temporary file in the same directory and renames it over the target, and
-``last_checkpoint`` is updated the same way, so a kill during a save never leaves a truncated
-"last" checkpoint (the temporary file of a killed save is removed by the next save).
+Saves are atomic (:class:`revvit_d2.training.AtomicSaveMixin`): a kill during a save never
+leaves a truncated "last" checkpoint (the temporary file of a killed save is removed by the next
+save).
 """
-import contextlib
-import glob
 import logging
-import os
-import tempfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ..checkpoint import CheckpointMismatchError, adapt_pos_embed, convert_state_dict, detect_format, unwrap_checkpoint
+from ..checkpoint import (CheckpointMismatchError, adapt_pos_embed, convert_state_dict,
+                          detect_format, unwrap_checkpoint)
 from ..modeling.rev_mvit import RevMViT
 from ..modeling.rev_vit import RevViT
+from ..training.checkpoint import AtomicSaveMixin
+from ..utils.io import read_checkpoint
 
-__all__ = ["AtomicSaveMixin", "RevvitCheckpointer", "find_reversible_core", "atomic_torch_save",
-           "check_start_checkpoint", "last_checkpoint_file"]
+__all__ = ["RevvitCheckpointer", "find_reversible_core"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,96 +52,9 @@ def find_reversible_core(model: nn.Module) -> Tuple[str, nn.Module]:
     return found[0]
 
 
-def atomic_torch_save(obj, path: str):
-    """torch.save to `path` through a temporary file and an atomic rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def last_checkpoint_file(save_dir: str) -> Optional[str]:
-    """The file named by ``<save_dir>/last_checkpoint`` (what ``--resume`` loads), or None when
-    there is no such tag. Raises FileNotFoundError when the tag names a missing file."""
-    tag = os.path.join(save_dir, "last_checkpoint")
-    if not os.path.isfile(tag):
-        return None
-    with open(tag) as f:
-        name = f.read().strip()
-    path = os.path.join(save_dir, name)
-    if not name or not os.path.isfile(path):
-        raise FileNotFoundError(f"{tag} names {name!r}, which is not a file in {save_dir}")
-    return path
-
-
-def check_start_checkpoint(save_dir: str, init_checkpoint, resume: bool) -> None:
-    """Raise FileNotFoundError (a one-line message) when the checkpoint a training tool will
-    start from does not exist: the one ``last_checkpoint`` names when resuming, else
-    ``train.init_checkpoint`` (a URL is left to the loader)."""
-    try:
-        if resume and last_checkpoint_file(save_dir) is not None:
-            return
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"cannot resume: {e}") from None
-    init = os.path.expanduser(str(init_checkpoint or ""))
-    if init and "://" not in init and not os.path.isfile(init):
-        raise FileNotFoundError(f"train.init_checkpoint not found: {init_checkpoint}")
-
-
-def _read(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # older files may pickle config objects next to the weights
-        logger.warning("%s holds non-tensor objects; loading it with weights_only=False", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def _is_backbone_only(sd: Dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("blocks.") for k in sd) and not any(
         k.startswith("backbone.") for k in sd)
-
-
-class AtomicSaveMixin:
-    """For fvcore/detectron2 ``Checkpointer`` subclasses: ``save`` and the ``last_checkpoint``
-    tag go through a temporary file, fsync and an atomic rename (fvcore writes both in place,
-    so a kill during a save can leave a truncated "last" checkpoint)."""
-
-    def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to %s", save_file)
-        atomic_torch_save(data, save_file)
-        self.tag_last_checkpoint(basename)
-        # Temporary files of a save that was killed (SIGKILL runs no cleanup); one process
-        # saves into a directory, so any other one is stale.
-        for stale in glob.glob(os.path.join(self.save_dir, ".tmp_*")):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.save_dir, prefix=".tmp_last_")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(last_filename_basename)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.save_dir, "last_checkpoint"))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 class RevvitCheckpointer(AtomicSaveMixin, DetectionCheckpointer):
@@ -152,7 +63,7 @@ class RevvitCheckpointer(AtomicSaveMixin, DetectionCheckpointer):
     def _load_file(self, filename: str):
         if filename.endswith(".pkl"):
             return super()._load_file(filename)
-        data = _read(filename)
+        data = read_checkpoint(filename)
         fmt = detect_format(data)
         sd = unwrap_checkpoint(data)
         if fmt in ("slowfast", "mmpretrain") or (fmt == "revvit" and _is_backbone_only(sd)):

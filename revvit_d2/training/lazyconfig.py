@@ -14,18 +14,15 @@ from detectron2.config import LazyConfig
 from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
+from ..utils.errors import UserError, one_line
+
 __all__ = ["ConfigError", "apply_overrides_strict", "check_override_keys", "load_lazy_config"]
 
 _MISSING = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override the tools report as one ``error:`` line."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def load_lazy_config(path: str, sections: Sequence[str] = ()):
@@ -35,7 +32,7 @@ def load_lazy_config(path: str, sections: Sequence[str] = ()):
     try:
         cfg = LazyConfig.load(path)
     except Exception as e:  # noqa: BLE001 - a broken config file is a user error
-        raise ConfigError(f"cannot load config {path}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load config {path}: {one_line(e)}") from None
     missing = [s for s in sections if s not in cfg]
     if missing:
         raise ConfigError(f"config {path} defines no {', '.join(repr(s) for s in missing)}")
@@ -98,4 +95,4 @@ def apply_overrides_strict(cfg, overrides: Iterable[str]):
     try:
         return LazyConfig.apply_overrides(cfg, checked)
     except Exception as e:  # noqa: BLE001 - e.g. a value the override grammar cannot parse
-        raise ConfigError(f"cannot apply overrides {checked}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot apply overrides {checked}: {one_line(e)}") from None

@@ -1,0 +1,28 @@
+"""Training scaffolding on detectron2's engine that both training tools share
+(``tools/train_net.py``, ``tools/run_video.py``; layer 2.5 of docs/architecture.md).
+
+* :mod:`.cli`: the parser, config loading, one-line errors through detectron2's ``launch``;
+* :mod:`.lazyconfig`: LazyConfig loading with strict ``key=value`` overrides;
+* :mod:`.checkpoint`: atomic checkpointers, the one "read a checkpoint and check it strictly"
+  step, the resume point;
+* :mod:`.seeding`: the seed hooks that make a resumed run repeat the uninterrupted one;
+* :mod:`.engine`: per-process setup, DDP, the hooks in their order, the metric writers.
+
+Imports detectron2; never ``revvit_d2.d2`` or ``revvit_video``.
+"""
+from .checkpoint import (AtomicCheckpointer, AtomicSaveMixin, ResumePoint, check_start_checkpoint,
+                         last_checkpoint_file, load_checked, read_checked, resume_from_checkpoint,
+                         resume_point)
+from .cli import EXIT_ERROR, ToolError, build, launch_guarded, load_tool_config, tool_parser
+from .engine import build_trainer, ddp, metrics_writer, setup_run, training_hooks
+from .lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
+from .seeding import ReseedHook, SeedState, add_seed_keys, resolve_seed
+
+__all__ = [
+    "AtomicCheckpointer", "AtomicSaveMixin", "ConfigError", "EXIT_ERROR", "ReseedHook",
+    "ResumePoint", "SeedState", "ToolError", "add_seed_keys", "apply_overrides_strict", "build",
+    "build_trainer",
+    "check_start_checkpoint", "ddp", "last_checkpoint_file", "launch_guarded", "load_checked",
+    "load_lazy_config", "load_tool_config", "metrics_writer", "read_checked", "resolve_seed",
+    "resume_from_checkpoint", "resume_point", "setup_run", "tool_parser", "training_hooks",
+]

@@ -1,0 +1,126 @@
+"""What the command-line tools share: the parser, config loading, building a config node, and
+detectron2's ``launch`` with one-line error reports.
+
+An expected failure (a :class:`~revvit_d2.utils.errors.UserError`, e.g. :class:`ToolError` or a
+:class:`~revvit_d2.training.lazyconfig.ConfigError`) is one ``error:`` line on stderr and exit
+status 1, never a traceback; with several processes started by ``launch`` only the main process
+prints it. Unexpected exceptions keep their traceback. A tool calls
+:func:`~revvit_d2.utils.errors.quiet_import_warnings` before importing this module (it imports
+detectron2).
+"""
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple, Type
+
+from detectron2.config import instantiate
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+
+from ..utils.errors import EXIT_ERROR, UserError, one_line, print_error
+from .lazyconfig import apply_overrides_strict, load_lazy_config
+
+__all__ = ["EXIT_ERROR", "ToolError", "build", "launch_guarded", "load_tool_config", "one_line",
+           "print_error", "run_guarded", "tool_parser"]
+
+
+class ToolError(UserError):
+    """An expected failure of a tool, reported as one line on stderr (no traceback)."""
+
+
+def run_guarded(main: Callable, args, expected: Tuple[Type[BaseException], ...] = (UserError,)):
+    """``main(args)`` inside each process that ``launch`` starts: an ``expected`` exception
+    becomes one stderr line (from the main process only) and ``SystemExit(EXIT_ERROR)``."""
+    try:
+        return main(args)
+    except expected as e:
+        sys.stdout.flush()
+        if comm.is_main_process():
+            print_error(e)
+        sys.exit(EXIT_ERROR)
+
+
+def launch_guarded(main: Callable, args,
+                   expected: Tuple[Type[BaseException], ...] = (UserError,),
+                   check: Optional[Callable] = None) -> int:
+    """detectron2's ``launch`` of ``run_guarded(main, args, expected)`` with the usual options
+    (``args.num_gpus``, ``num_machines``, ``machine_rank``, ``dist_url``); returns the exit
+    status: 0, or EXIT_ERROR after the error line has been printed once, or 130 after Ctrl-C.
+    ``check(args)``, when given, runs first in this process: the cheap checks of a tool, so
+    that a bad input is reported once, before any process starts or any file is written.
+    A launched process killed by a signal (or out of memory) is reported as one line too; one
+    that raised an unexpected exception keeps its traceback (re-raised)."""
+    # After one launched process fails, torch logs a warning for each sibling it terminates;
+    # the failure itself is reported (our error line, or the child's traceback).
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    try:
+        if check is not None:
+            try:
+                check(args)
+            except expected as e:
+                print_error(e)
+                return EXIT_ERROR
+        launch(run_guarded, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url,
+               args=(main, args, expected))
+    except SystemExit as e:  # one process: run_guarded's status
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        # Several processes: one that exited with EXIT_ERROR has printed its error line.
+        if type(e).__name__ == "ProcessExitedException":
+            if getattr(e, "exit_code", None) != EXIT_ERROR:  # killed (a signal, out of memory)
+                sys.stdout.flush()
+                print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
+        raise
+    return 0
+
+
+def tool_parser(doc: str, default_config: str):
+    """detectron2's ``default_argument_parser`` described by a tool's docstring (its first line;
+    the rest is the epilog), with the default config file named in ``--config-file``'s help."""
+    parser = default_argument_parser(epilog=doc.split("\n\n", 1)[1])
+    parser.description = doc.split("\n", 1)[0]
+    for action in parser._actions:
+        if action.dest == "config_file":
+            action.help = f"path to a LazyConfig file (default: {default_config})"
+    return parser
+
+
+def load_tool_config(config_file: Optional[str], default_config: str, sections: Sequence[str],
+                     opts: Sequence[str], repo_root: Optional[Path] = None,
+                     prepare: Optional[Callable] = None):
+    """Load a tool's LazyConfig: ``config_file`` or ``default_config`` (a relative path that is
+    not a file here is also looked up below ``repo_root``), check that it defines ``sections``,
+    call ``prepare(cfg)`` (defaults, option shortcuts), then apply the ``key=value`` overrides
+    strictly. A config error is a :class:`~revvit_d2.training.lazyconfig.ConfigError` (a
+    UserError: one line). Returns ``(cfg, path)``."""
+    path = str(config_file or default_config)
+    if repo_root is not None and not os.path.isfile(path) and not os.path.isabs(path) \
+            and (Path(repo_root) / path).is_file():
+        path = str(Path(repo_root) / path)
+    cfg = load_lazy_config(path, tuple(sections))
+    if prepare is not None:
+        prepare(cfg)
+    return apply_overrides_strict(cfg, list(opts)), path
+
+
+def build(cfg_node, what: str):
+    """``instantiate(cfg_node)``; a node that cannot be built is one :class:`ToolError` line
+    (``cannot build <what>: <TypeName>: <first line>``). detectron2's own "Error when
+    instantiating" log line is silenced meanwhile: it would repeat ours."""
+    inst_logger = logging.getLogger("detectron2.config.instantiate")
+    level = inst_logger.level
+    inst_logger.setLevel(logging.CRITICAL)
+    try:
+        return instantiate(cfg_node)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a config the user wrote
+        raise ToolError(f"cannot build {what}: {one_line(e)}") from e
+    finally:
+        inst_logger.setLevel(level)

@@ -1,0 +1,83 @@
+"""The parts of a training run that both training tools assemble the same way on detectron2's
+engine: per-process setup, the DDP wrapper, the hooks in their order, and the metric writers."""
+import logging
+import os
+from typing import Callable, Iterable, List, Optional
+
+import torch
+from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup, hooks
+from detectron2.utils import comm
+from detectron2.utils.events import EventWriter, JSONWriter
+from detectron2.utils.logger import setup_logger
+
+from ..utils.seeding import set_deterministic
+from .seeding import ReseedHook
+
+__all__ = ["build_trainer", "ddp", "metrics_writer", "setup_run", "training_hooks"]
+
+logger = logging.getLogger(__name__)
+
+
+def setup_run(cfg, args, logger_names: Iterable[str]) -> None:
+    """detectron2's ``default_setup`` (output folder, ``config.yaml``, ``log.txt``, environment
+    report), our loggers into the same ``log.txt``, and deterministic kernels when
+    ``train.deterministic``."""
+    default_setup(cfg, args)
+    for name in logger_names:
+        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
+    set_deterministic(bool(cfg.train.deterministic))
+
+
+def ddp(model: torch.nn.Module, device, **kwargs):
+    """detectron2's ``create_ddp_model``; on a CPU (gloo) it passes no ``device_ids``, which
+    DDP refuses for a CPU module (detectron2 passes the local rank)."""
+    if torch.device(device).type != "cuda":
+        kwargs["device_ids"] = None
+    return create_ddp_model(model, **kwargs)
+
+
+def build_trainer(model, data_loader, optimizer, device, precision: Optional[torch.dtype] = None,
+                  trainer=SimpleTrainer, amp_trainer=AMPTrainer, **kwargs):
+    """detectron2's ``AMPTrainer`` (`amp_trainer`) when `precision` (``torch.float16`` or
+    ``torch.bfloat16``) is set and `device` is CUDA, else ``SimpleTrainer`` (`trainer`);
+    `kwargs` go to the trainer. The reversible backward restores the forward's autocast state
+    for its recomputation, so AMP is safe with ``use_rev_backprop=True``. The gradient scaler
+    is enabled for float16 only (bfloat16 has float32's exponent range)."""
+    if precision is not None:
+        if torch.device(device).type == "cuda":
+            scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
+            return amp_trainer(model, data_loader, optimizer, precision=precision,
+                               grad_scaler=scaler, **kwargs)
+        logger.warning("mixed precision is ignored on %s (autocast is used on CUDA only)", device)
+    return trainer(model, data_loader, optimizer, **kwargs)
+
+
+def training_hooks(seed: int, scheduler, checkpointer, eval_period: int = 0,
+                   eval_fn: Optional[Callable] = None, eval_after_train: bool = True,
+                   **periodic_checkpointer) -> List:
+    """detectron2's hooks of ``lazyconfig_train_net.py`` (timer, LR schedule, periodic
+    checkpoints on the main process with `periodic_checkpointer` arguments such as ``period``
+    and ``max_to_keep``, evaluation) behind :class:`ReseedHook`, which must run first. Register
+    the writers (:func:`metrics_writer`) only after the weights are loaded, so that a
+    checkpoint that does not fit leaves no ``metrics.json``."""
+    return [
+        ReseedHook(seed),
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=scheduler),
+        hooks.PeriodicCheckpointer(checkpointer, **periodic_checkpointer)
+        if comm.is_main_process() else None,
+        hooks.EvalHook(eval_period, eval_fn, eval_after_train=eval_after_train)
+        if eval_fn is not None else None,
+    ]
+
+
+def metrics_writer(output_dir: str, log_period: int, printers: Iterable[EventWriter]):
+    """A ``PeriodicWriter`` hook for the main process: the `printers` and ``metrics.json``.
+
+    Unlike detectron2's ``default_writers``, each ``metrics.json`` line holds the medians over
+    its own log period instead of a fixed 20-iteration window that overlaps the previous lines:
+    the lines a resumed run writes equal those of an uninterrupted run, and ``log_period=1``
+    records the raw per-iteration losses."""
+    writers = list(printers) + [JSONWriter(os.path.join(output_dir, "metrics.json"),
+                                           window_size=log_period)]
+    return hooks.PeriodicWriter(writers, period=log_period)
