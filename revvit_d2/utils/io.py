@@ -108,9 +108,10 @@ _PKL_GLOBALS[("numpy", "dtype")] = np.dtype
 _PKL_GLOBALS[("_codecs", "encode")] = codecs.encode  # bytes pickled by Python 3, protocol 2
 _PKL_GLOBALS[("collections", "OrderedDict")] = collections.OrderedDict
 
-_OPT_IN = ("If you trust the file, load it with allow_unsafe_pickle=True (tools: "
-           "train.allow_unsafe_pickle=True, eval.allow_unsafe_pickle=True or "
-           "--allow-unsafe-pickle), which executes code from the file; see docs/security.md")
+_OPT_IN = ("If you trust the file, opt in with allow_unsafe_pickle=True (train_net / run_video: "
+           "train.allow_unsafe_pickle=True; eval_imagenet: eval.allow_unsafe_pickle=True; "
+           "convert_checkpoint: --allow-unsafe-pickle), which executes code from the file; see "
+           "docs/security.md")
 
 
 class UnsafeCheckpointError(UserError):
