@@ -14,7 +14,6 @@ with ``allow_unsafe_pickle=True`` (see docs/security.md).
 import codecs
 import collections
 import contextlib
-import logging
 import os
 import pickle
 import re
@@ -29,8 +28,6 @@ from .errors import UserError
 
 __all__ = ["SAFE_GLOBALS", "TMP_PREFIX", "UnsafeCheckpointError", "atomic_write",
            "atomic_torch_save", "read_checkpoint"]
-
-logger = logging.getLogger(__name__)
 
 #: Prefix of the temporary files of :func:`atomic_write` (a killed writer leaves one behind;
 #: writers that own a directory may remove stale ones).
@@ -72,7 +69,7 @@ def _numpy_scalar_globals() -> List[Any]:
     """What a pickled numpy *scalar* needs (``numpy.float64(0.5)`` and the like): the scalar
     constructor under its numpy 2 and numpy 1 names, ``numpy.dtype`` and the numeric dtype
     classes. Rebuilding one makes a number from its bytes and runs no other code. Arrays are not
-    on the list (object arrays would reach any global)."""
+    on the list: no supported ``torch.save`` format stores one."""
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     found: List[Any] = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles a dtype's class as well
@@ -96,7 +93,7 @@ def _numpy_scalar_globals() -> List[Any]:
 SAFE_GLOBALS: Tuple[Any, ...] = tuple(_numpy_scalar_globals())
 
 #: The globals a detectron2 / Caffe2 ``.pkl`` weight file needs: numpy arrays and scalars,
-#: rebuilt from their bytes (see :func:`_read_pickle`), under numpy 1 and 2 names.
+#: rebuilt from their bytes (:class:`_NumpyOnlyUnpickler`), under numpy 1 and 2 names.
 _PKL_GLOBALS = {
     (mod, name): getattr(np._core.multiarray if hasattr(np, "_core") else np.core.multiarray,
                          name)
