@@ -213,8 +213,9 @@ def image_folder(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_imagenet_refuses(evil, image_folder):
     path = evil("slowfast")
-    _refused_by_tool(_run_tool("eval_imagenet.py", "--checkpoint", path, f"eval.data={image_folder}",
-                               "eval.num_workers=0"), path)
+    proc = _run_tool("eval_imagenet.py", "--checkpoint", path, f"eval.data={image_folder}",
+                     "eval.num_workers=0")
+    _refused_by_tool(proc, path)
 
 
 @pytest.mark.slow
