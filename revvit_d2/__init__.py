@@ -14,6 +14,7 @@ from .checkpoint import (
 from .factory import create_model
 from .modeling import EngineOptions, RevMViT, RevViT, get_pretrained_cfg, list_models
 from .official import build_from_mmpretrain_cfg, build_from_slowfast_cfg
+from .utils.io import UnsafeCheckpointError
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "EngineOptions",
     "RevMViT",
     "RevViT",
+    "UnsafeCheckpointError",
     "build_from_mmpretrain_cfg",
     "build_from_slowfast_cfg",
     "convert_mmpretrain_state_dict",

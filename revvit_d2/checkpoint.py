@@ -261,7 +261,8 @@ def adapt_pos_embed(sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, 
 
 
 def load_pretrained(model: nn.Module, checkpoint, fmt: str = "auto",
-                    ignore_prefixes: Iterable[str] = (), strict: bool = True):
+                    ignore_prefixes: Iterable[str] = (), strict: bool = True,
+                    allow_unsafe_pickle: bool = False):
     """Load an official or revvit checkpoint into `model`, strictly.
 
     Args:
@@ -272,12 +273,16 @@ def load_pretrained(model: nn.Module, checkpoint, fmt: str = "auto",
             loaded (e.g. ``("head.",)`` to fine-tune with a new classifier).
         strict: raise :class:`CheckpointMismatchError` on any missing, unexpected or
             mis-shaped key (after `ignore_prefixes`). With False, the report is returned.
+        allow_unsafe_pickle: a path is read with :func:`revvit_d2.utils.io.read_checkpoint`,
+            which refuses a file that needs more than data to unpickle
+            (:class:`~revvit_d2.utils.io.UnsafeCheckpointError`); True loads such a file after
+            a warning. This executes code from the file: only for files you trust.
 
     Returns:
         dict with ``loaded``, ``missing``, ``unexpected`` and ``ignored`` key lists.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = read_checkpoint(checkpoint)
+        checkpoint = read_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     sd = adapt_pos_embed(convert_state_dict(checkpoint, fmt), model)
     ignore = tuple(ignore_prefixes)
     own = model.state_dict()

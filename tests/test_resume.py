@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from revvit_d2.utils.io import read_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
 RUN_VIDEO = ROOT / "tools" / "run_video.py"
@@ -92,8 +94,8 @@ def _assert_resumed_like_uninterrupted(full: Path, resumed: Path, killed_at: int
     assert after and all(i in a and i in b for i in after), (sorted(a), sorted(b))
     for i in after:
         assert b[i] == a[i], f"iteration {i}: resumed {b[i]} vs uninterrupted {a[i]}"
-    final_a = torch.load(full / "model_final.pth", map_location="cpu", weights_only=False)
-    final_b = torch.load(resumed / "model_final.pth", map_location="cpu", weights_only=False)
+    final_a = read_checkpoint(full / "model_final.pth")  # data only (docs/security.md)
+    final_b = read_checkpoint(resumed / "model_final.pth")
     assert final_a["model"].keys() == final_b["model"].keys()
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
 

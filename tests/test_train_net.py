@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from revvit_d2.utils.io import read_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "train_net.py"
 CONFIG = ROOT / "configs" / "COCO" / "mask_rcnn_revvit_synthetic.py"
@@ -47,3 +49,9 @@ def test_short_training_learns_and_resumes(tmp_path):
     log = resumed.stdout + resumed.stderr
     assert "Starting training from iteration 40" in log
     assert max(r["iteration"] for r in _metrics(out)) == 59
+    # every checkpoint the tool wrote is data only: loads with weights_only=True (security.md)
+    names = sorted(p.name for p in out.glob("model_*.pth"))
+    assert "model_0000039.pth" in names and "model_final.pth" in names, names
+    for name in names:
+        data = read_checkpoint(out / name)
+        assert {"model", "trainer", "iteration", "seed"} <= set(data)

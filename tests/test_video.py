@@ -21,6 +21,7 @@ from revvit_video import (
     rev_mvit_b_16x4,
     rev_mvit_video_test,
 )
+from revvit_d2.utils.io import read_checkpoint
 from revvit_video.models import video_builder_kwargs
 
 from _helpers import load_oracle, official_key_shapes
@@ -437,7 +438,9 @@ def test_tool_trains_tests_resumes_and_evaluates(tmp_path):
     assert "Starting training from iteration 0" in first.stdout
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert not list(out.glob(".*.tmp.*"))  # no temporary file left behind
-    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    # every checkpoint the tool writes is data only (docs/security.md)
+    ckpts = {p.name: read_checkpoint(p) for p in out.glob("model_*.pth")}
+    ckpt = ckpts["model_final.pth"]
     assert ckpt["iteration"] == 35 and "optimizer" in ckpt["trainer"]
 
     second = run_tool("--resume", *common, "train.max_iter=42", env=env)
@@ -448,8 +451,7 @@ def test_tool_trains_tests_resumes_and_evaluates(tmp_path):
     m = summary(second)
     assert int(m["videos"]) == 16 and int(m["skipped"]) == 0
     assert float(m["top1"]) > 50.0, second.stdout[-2000:]  # chance is 25 %
-    assert torch.load(out / "model_final.pth", map_location="cpu",
-                      weights_only=False)["iteration"] == 41
+    assert read_checkpoint(out / "model_final.pth")["iteration"] == 41
 
     # --eval-only on our own checkpoint, with a corrupt and a missing video in the list.
     bad = _bad_list(data, tmp_path)

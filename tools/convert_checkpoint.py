@@ -11,6 +11,10 @@ Example:
 
 Expected errors (a missing or unreadable input, a checkpoint that does not fit ``--model``)
 print one ``error:`` line on stderr and exit with status 1 without writing anything.
+
+The input is read as data only: a file whose pickle needs more is refused;
+``--allow-unsafe-pickle`` loads it anyway, which executes code from the file: only for files
+you trust (docs/security.md). The output holds only tensors and strings.
 """
 import argparse
 import logging
@@ -33,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help=f"verify a strict load into this model ({', '.join(revvit_d2.list_models())})")
     p.add_argument("--quiet", action="store_true", help="do not print the key mapping")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="load an input whose pickle needs more than data: executes code from "
+                        "the file; only for files you trust")
     return p.parse_args(argv)
 
 
@@ -40,7 +47,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        ckpt = read_checkpoint(args.source)
+        ckpt = read_checkpoint(args.source, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    except UserError as e:  # refused: its pickle asks for more than data
+        print_error(e)
+        return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - empty, truncated or not a checkpoint at all
         print_error(UserError(f"cannot read checkpoint {args.source}: {one_line(e)}"))
         return EXIT_ERROR

@@ -14,6 +14,10 @@ single-crop test pipeline read from ``model.pretrained_cfg`` (resize the short s
 unknown config key) print one ``error:`` line on stderr and exit with status 1. CUDA is used
 when available (``--num-gpus 0`` forces the CPU); --resume, --eval-only and the multi-machine
 options are accepted for compatibility and ignored.
+
+The checkpoint is read as data only: a file whose pickle needs more is refused;
+``eval.allow_unsafe_pickle=True`` loads it anyway, which executes code from the file: only for
+files you trust (docs/security.md).
 """
 import logging
 import os
@@ -40,6 +44,7 @@ from revvit_d2.data.synthetic.imagenet import (  # noqa: E402
 from revvit_d2.modeling.flops import count_flops, count_parameters  # noqa: E402
 from revvit_d2.training import (  # noqa: E402
     ToolError,
+    add_unsafe_pickle_key,
     build,
     launch_guarded,
     load_checked,
@@ -77,6 +82,7 @@ def setup_logging():
 
 def load_config(args):
     def shortcuts(cfg):
+        add_unsafe_pickle_key(cfg.eval)
         if args.checkpoint is not None:
             value = None if args.checkpoint.lower() in ("", "none", "null") else args.checkpoint
             OmegaConf.update(cfg, "eval.checkpoint", value, merge=True)
@@ -138,6 +144,17 @@ def checkpoint_path(checkpoint):
         raise ToolError(f"checkpoint not found: {path} (set eval.checkpoint=<file>, or "
                         f"eval.checkpoint=null to evaluate random weights)")
     return path
+
+
+def load_weights(model, cfg) -> bool:
+    """``eval.checkpoint`` into `model`, strictly (:func:`revvit_d2.training.load_checked`),
+    read as data only unless ``eval.allow_unsafe_pickle``. False when there is no checkpoint."""
+    checkpoint = checkpoint_path(cfg.eval.get("checkpoint"))
+    if checkpoint is None:
+        return False
+    load_checked(model, checkpoint, f"model {cfg.model.get('name', type(model).__name__)}",
+                 allow_unsafe_pickle=bool(cfg.eval.get("allow_unsafe_pickle", False)))
+    return True
 
 
 def _model_input_size(model):
@@ -255,12 +272,10 @@ def main(args):
     device = torch.device("cuda" if use_cuda else "cpu")
     cfg.eval.data = str(prepare_data(cfg.eval.get("data")))
     dataset = open_dataset(cfg.eval.data)
-    checkpoint = checkpoint_path(cfg.eval.get("checkpoint"))
+    checkpoint_path(cfg.eval.get("checkpoint"))  # a missing file: before the model is built
     torch.manual_seed(0)  # a run without checkpoint evaluates the same random weights each time
     model = build_model(cfg)
-    if checkpoint is not None:
-        load_checked(model, checkpoint, f"model {cfg.model.get('name', type(model).__name__)}")
-    else:
+    if not load_weights(model, cfg):
         logger.info("no checkpoint: evaluating randomly initialised weights (seed 0; accuracy "
                     "is at chance level)")
     return do_test(cfg, model.eval().to(device), dataset, device)

@@ -13,6 +13,10 @@ with the gloo backend), ``--resume`` continues from ``<train.output_dir>/last_ch
 options (``train.epochs=10``, ``dataloader.train.data_path=...``). The last line printed starts
 with ``* Top-1``; expected errors (missing data, a bad config key, a checkpoint of another model)
 print one ``error:`` line on stderr and exit with status 1.
+
+Checkpoints (``train.init_checkpoint``, ``--resume``) are read as data only: a file whose pickle
+needs more is refused; ``train.allow_unsafe_pickle=True`` loads it anyway, which executes code
+from the file: only for files you trust (docs/security.md).
 """
 import logging
 import os
@@ -31,6 +35,7 @@ from revvit_d2.training import (  # noqa: E402
     SeedState,
     ToolError,
     add_seed_keys,
+    add_unsafe_pickle_key,
     build,
     build_trainer,
     check_start_checkpoint,
@@ -75,10 +80,15 @@ def build_parser():
 # ------------------------------------------------------------------------------------------
 # Config and data checks (run once, before any process is launched)
 # ------------------------------------------------------------------------------------------
+def _add_keys(cfg):
+    add_seed_keys(cfg.train)
+    add_unsafe_pickle_key(cfg.train)
+
+
 def load_config(args):
     return load_tool_config(args.config_file, DEFAULT_CONFIG,
                             ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
-                            args.opts, REPO_ROOT, prepare=lambda cfg: add_seed_keys(cfg.train))
+                            args.opts, REPO_ROOT, prepare=_add_keys)
 
 
 def prepare_data(cfg, eval_only: bool):
@@ -142,9 +152,12 @@ def build_model(cfg, device):
     return model
 
 
-def load_weights(model, path, load_head=True):
+def load_weights(model, path, load_head=True, allow_unsafe_pickle=False):
+    """Checkpoint `path` into `model`, strictly; read as data only unless
+    `allow_unsafe_pickle` (``train.allow_unsafe_pickle``: executes code from the file)."""
     load_checked(getattr(model, "module", model), os.path.expanduser(str(path)), "the model",
-                 load_video_checkpoint, load_head=load_head)
+                 load_video_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle,
+                 load_head=load_head)
 
 
 def do_test(cfg, model, device, final=False):
@@ -194,12 +207,14 @@ def build_training(cfg, device, seed: int):
                             VideoTrainer, VideoAMPTrainer,
                             clip_grad_l2norm=cfg.train.get("clip_grad_l2norm"))
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                      save_to_disk=comm.is_main_process(), seed=SeedState(seed))
+                                      save_to_disk=comm.is_main_process(), seed=SeedState(seed),
+                                      allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle))
     return model, trainer, checkpointer, max_iter, ipe
 
 
 def do_train(args, cfg, device):
-    point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed)
+    unsafe = bool(cfg.train.allow_unsafe_pickle)
+    point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed, unsafe)
     model, trainer, checkpointer, max_iter, ipe = build_training(cfg, device, point.seed)
     ckpt_cfg = cfg.train.get("checkpointer") or {}
     trainer.register_hooks(training_hooks(
@@ -211,7 +226,8 @@ def do_train(args, cfg, device):
         resume_from_checkpoint(checkpointer, trainer, point)
     elif cfg.train.get("init_checkpoint"):
         load_weights(model, cfg.train.init_checkpoint,
-                     load_head=not cfg.train.get("init_skip_head", False))
+                     load_head=not cfg.train.get("init_skip_head", False),
+                     allow_unsafe_pickle=unsafe)
     if comm.is_main_process():  # once the weights are in: a bad checkpoint leaves no file
         trainer.register_hooks([metrics_writer(cfg.train.output_dir,
                                                int(cfg.train.get("log_period", 20)),
@@ -241,7 +257,7 @@ def main(args):
         if args.resume:
             init = last_checkpoint_file(cfg.train.output_dir) or init
         if init:
-            load_weights(model, init)
+            load_weights(model, init, allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle))
         else:
             logger.warning("no checkpoint (train.init_checkpoint is not set): testing randomly "
                            "initialised weights, accuracy will be at chance level")

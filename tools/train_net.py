@@ -17,6 +17,10 @@ iterations are bit-identical on the CPU; see docs/reliability.md). ``train.seed`
 a random seed, saved in the checkpoints) seeds everything; ``train.deterministic=True`` also
 selects deterministic CUDA kernels. ``dataloader.evaluator=null`` skips the final evaluation.
 
+Checkpoints (``train.init_checkpoint``, ``--resume``) are read as data only: a file whose pickle
+needs more is refused; ``train.allow_unsafe_pickle=True`` loads it anyway, which executes code
+from the file: only for files you trust (docs/security.md).
+
 Expected errors (a missing file or dataset, an empty dataset, an unknown config key, a config that
 cannot be built, a checkpoint of another model) print one ``error:`` line on stderr and exit with
 status 1 before any checkpoint or metrics file is written.
@@ -43,6 +47,7 @@ from revvit_d2.training import (  # noqa: E402
     SeedState,
     ToolError,
     add_seed_keys,
+    add_unsafe_pickle_key,
     build,
     build_trainer,
     check_start_checkpoint,
@@ -87,7 +92,8 @@ def _resumable(loader_cfg, seed: int, start_iter: int):
 
 
 def do_train(args, cfg):
-    point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed)
+    unsafe = bool(cfg.train.allow_unsafe_pickle)
+    point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed, unsafe)
     model = build(cfg.model, "the model")
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
@@ -103,7 +109,7 @@ def do_train(args, cfg):
                             getattr(torch, amp.get("precision", "float16")) if amp.enabled
                             else None)
     checkpointer = RevvitCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                      seed=SeedState(point.seed))
+                                      seed=SeedState(point.seed), allow_unsafe_pickle=unsafe)
     trainer.register_hooks(training_hooks(
         point.seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
         eval_period=cfg.train.eval_period, eval_fn=lambda: do_test(cfg, model),
@@ -148,17 +154,23 @@ def check_inputs(cfg, args):
                         f"{', '.join(unknown)}")
 
 
+def _add_keys(cfg):
+    add_seed_keys(cfg.train)
+    add_unsafe_pickle_key(cfg.train)
+
+
 def main(args):
     cfg, _ = load_tool_config(args.config_file, str(DEFAULT_CONFIG),
                               ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
-                              args.opts, prepare=lambda c: add_seed_keys(c.train))
+                              args.opts, prepare=_add_keys)
     check_inputs(cfg, args)
     setup_run(cfg, args, ("revvit", "revvit_d2"))  # this tool's and the loaders' reports
     if args.eval_only:
         model = build(cfg.model, "the model")
         model.to(cfg.train.device)
         model = ddp(model, cfg.train.device)
-        RevvitCheckpointer(model).load(cfg.train.init_checkpoint)
+        RevvitCheckpointer(model, allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle)).load(
+            cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)  # the EvalHook evaluates after the last iteration
 

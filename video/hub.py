@@ -11,7 +11,9 @@ official SlowFast ``.pyth`` (``{"model_state": ...}``, keys ``rev_backbone.layer
 ``head.projection.*``), a ``revvit_d2`` state dict (``create_model("rev_mvit_b_16x4")`` names),
 or a checkpoint of this package (``trunk.*`` / ``head.proj.*``, as written by
 tools/run_video.py). Loading is strict: anything missing, unexpected or mis-shaped raises
-:class:`revvit_d2.CheckpointMismatchError`.
+:class:`revvit_d2.CheckpointMismatchError`. Files are read as data only
+(:func:`revvit_d2.utils.io.read_checkpoint`): one whose pickle needs more is refused unless
+``allow_unsafe_pickle=True``, which executes code from the file (only for files you trust).
 """
 import logging
 import os
@@ -36,11 +38,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["rev_mvit_b_16x4", "rev_mvit_video_test", "load_video_checkpoint", "read_checkpoint",
            "convert_to_video_state_dict"]
 
-def read_checkpoint(path: str) -> Mapping[str, Any]:
+def read_checkpoint(path: str, allow_unsafe_pickle: bool = False) -> Mapping[str, Any]:
     """The checkpoint stored in `path`, on the CPU: :func:`revvit_d2.utils.io.read_checkpoint`
-    (``weights_only=True`` first: a SlowFast file holds only tensors, numbers and its YAML
-    string; other pickles are loaded only after a warning)."""
-    return io.read_checkpoint(path)
+    (``weights_only=True``: a SlowFast file holds only tensors, numbers and its YAML string; a
+    file that needs more raises :class:`~revvit_d2.utils.io.UnsafeCheckpointError` unless
+    `allow_unsafe_pickle`, which executes code from the file)."""
+    return io.read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def _is_video_format(sd: Mapping[str, Any]) -> bool:
@@ -65,7 +68,8 @@ def convert_to_video_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torc
     return out
 
 
-def load_video_checkpoint(model: RevVideoNet, checkpoint, load_head: bool = True) -> Dict[str, Any]:
+def load_video_checkpoint(model: RevVideoNet, checkpoint, load_head: bool = True,
+                          allow_unsafe_pickle: bool = False) -> Dict[str, Any]:
     """Load a checkpoint into a :class:`RevVideoNet`, strictly.
 
     Args:
@@ -74,13 +78,15 @@ def load_video_checkpoint(model: RevVideoNet, checkpoint, load_head: bool = True
             revvit_video format).
         load_head: False keeps the model's own head (fine-tuning to other classes); the
             checkpoint's head is then ignored.
+        allow_unsafe_pickle: see :func:`read_checkpoint` (executes code from the file; only
+            for files you trust).
 
     Returns:
         the trunk's load report (see :func:`revvit_d2.load_pretrained`) plus ``head``: the head
         keys loaded.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = read_checkpoint(checkpoint)
+        checkpoint = read_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     sd = convert_to_video_state_dict(checkpoint)
     trunk_sd = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
     head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
@@ -108,7 +114,7 @@ def load_video_checkpoint(model: RevVideoNet, checkpoint, load_head: bool = True
     return report
 
 
-def _hub_model(name: str, pretrained: bool, checkpoint, kwargs):
+def _hub_model(name: str, pretrained: bool, checkpoint, kwargs, allow_unsafe_pickle=False):
     """``create_rev_mvit`` with the dimensions of the revvit_d2 variant `name`, then `kwargs`."""
     if isinstance(pretrained, (str, os.PathLike)):
         raise TypeError(f"{name}: pass the checkpoint path as checkpoint=, not pretrained=")
@@ -126,11 +132,12 @@ def _hub_model(name: str, pretrained: bool, checkpoint, kwargs):
                                       cfg["spatial_size"]))
     model.pretrained_cfg = pretrained_cfg
     if checkpoint is not None:
-        load_video_checkpoint(model, checkpoint)
+        load_video_checkpoint(model, checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     return model
 
 
-def rev_mvit_b_16x4(pretrained: bool = False, checkpoint=None, **kwargs) -> nn.Module:
+def rev_mvit_b_16x4(pretrained: bool = False, checkpoint=None, *,
+                    allow_unsafe_pickle: bool = False, **kwargs) -> nn.Module:
     """Rev-MViT-B 16x4 for Kinetics-400 (official REV_MVIT_B_16x4_CONV: 78.4 / 93.4 top-1 / top-5
     with 5 x 1 views; 34.96 M parameters; input (B, 3, 16, 224, 224); logits over 400 classes).
 
@@ -138,15 +145,18 @@ def rev_mvit_b_16x4(pretrained: bool = False, checkpoint=None, **kwargs) -> nn.M
         pretrained: True requires `checkpoint` (no download is possible here).
         checkpoint: path or dict of ``REV_MVIT_B_16x4.pyth`` (or a converted / fine-tuned one),
             loaded strictly.
+        allow_unsafe_pickle: see :func:`read_checkpoint` (executes code from the file; only
+            for files you trust).
         **kwargs: :func:`~revvit_video.models.create_rev_mvit` arguments replacing the
             variant's (e.g. ``head_num_classes``, ``drop_path_rate``, the engine options
             ``use_rev_backprop``, ``rev_anchor_every``...).
     """
-    return _hub_model("rev_mvit_b_16x4", pretrained, checkpoint, kwargs)
+    return _hub_model("rev_mvit_b_16x4", pretrained, checkpoint, kwargs, allow_unsafe_pickle)
 
 
-def rev_mvit_video_test(pretrained: bool = False, checkpoint=None, **kwargs) -> nn.Module:
+def rev_mvit_video_test(pretrained: bool = False, checkpoint=None, *,
+                        allow_unsafe_pickle: bool = False, **kwargs) -> nn.Module:
     """Tiny Rev-MViT (16 wide, 5 layers, transitions at 1 and 3; input (B, 3, 4, 64, 64), 10
     classes): the structure of the official-code oracle file, used by the tests and the demo.
     Same arguments as :func:`rev_mvit_b_16x4`."""
-    return _hub_model("rev_mvit_video_test", pretrained, checkpoint, kwargs)
+    return _hub_model("rev_mvit_video_test", pretrained, checkpoint, kwargs, allow_unsafe_pickle)

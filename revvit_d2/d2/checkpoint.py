@@ -11,6 +11,12 @@ were not. Detector checkpoints (``model_final.pth``) load as usual.
 Saves are atomic (:class:`revvit_d2.training.AtomicSaveMixin`): a kill during a save never
 leaves a truncated "last" checkpoint (the temporary file of a killed save is removed by the next
 save).
+
+Reads never run code from the file (:class:`revvit_d2.training.SafeLoadMixin`): ``.pth`` /
+``.pyth`` files load with ``weights_only=True``, and detectron2 / Caffe2 ``.pkl`` files (which
+detectron2 unpickles in full) with an unpickler that only rebuilds numpy arrays. A file that
+needs more is refused unless the checkpointer was made with ``allow_unsafe_pickle=True``
+(``train.allow_unsafe_pickle=True`` in tools/train_net.py).
 """
 import logging
 from typing import Dict, Tuple
@@ -23,7 +29,7 @@ from ..checkpoint import (CheckpointMismatchError, adapt_pos_embed, convert_stat
                           detect_format, unwrap_checkpoint)
 from ..modeling.rev_mvit import RevMViT
 from ..modeling.rev_vit import RevViT
-from ..training.checkpoint import AtomicSaveMixin
+from ..training.checkpoint import AtomicSaveMixin, SafeLoadMixin
 from ..utils.io import read_checkpoint
 
 __all__ = ["RevvitCheckpointer", "find_reversible_core"]
@@ -57,13 +63,28 @@ def _is_backbone_only(sd: Dict[str, torch.Tensor]) -> bool:
         k.startswith("backbone.") for k in sd)
 
 
-class RevvitCheckpointer(AtomicSaveMixin, DetectionCheckpointer):
-    """DetectionCheckpointer + official reversible checkpoints + atomic saves."""
+def _pkl_checkpoint(data):
+    """What detectron2's ``DetectionCheckpointer`` makes of an unpickled ``.pkl`` file (its
+    ``_load_file`` unpickles and shapes in one step, so the shaping is repeated here after our
+    restricted unpickling): a detectron2 model-zoo file as is, a Caffe2 / Detectron1 file as
+    ``{"model": blobs without momenta, "__author__": "Caffe2", "matching_heuristics": True}``."""
+    if "model" in data and "__author__" in data:
+        logger.info("Reading a file from '%s'", data["__author__"])
+        return data
+    if "blobs" in data:  # detection models have "blobs", ImageNet models do not
+        data = data["blobs"]
+    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+class RevvitCheckpointer(SafeLoadMixin, AtomicSaveMixin, DetectionCheckpointer):
+    """DetectionCheckpointer + official reversible checkpoints + atomic saves + data-only reads
+    (``allow_unsafe_pickle=True`` opts in to files that need more; it executes their code)."""
 
     def _load_file(self, filename: str):
+        data = read_checkpoint(filename, allow_unsafe_pickle=self.allow_unsafe_pickle)
         if filename.endswith(".pkl"):
-            return super()._load_file(filename)
-        data = read_checkpoint(filename)
+            return _pkl_checkpoint(data)
         fmt = detect_format(data)
         sd = unwrap_checkpoint(data)
         if fmt in ("slowfast", "mmpretrain") or (fmt == "revvit" and _is_backbone_only(sd)):

@@ -10,9 +10,9 @@
 
 Imports detectron2; never ``revvit_d2.d2`` or ``revvit_video``.
 """
-from .checkpoint import (AtomicCheckpointer, AtomicSaveMixin, ResumePoint, check_start_checkpoint,
-                         last_checkpoint_file, load_checked, read_checked, resume_from_checkpoint,
-                         resume_point)
+from .checkpoint import (AtomicCheckpointer, AtomicSaveMixin, ResumePoint, SafeLoadMixin,
+                         add_unsafe_pickle_key, check_start_checkpoint, last_checkpoint_file,
+                         load_checked, read_checked, resume_from_checkpoint, resume_point)
 from .cli import EXIT_ERROR, ToolError, build, launch_guarded, load_tool_config, tool_parser
 from .engine import build_trainer, ddp, metrics_writer, setup_run, training_hooks
 from .lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
@@ -20,7 +20,8 @@ from .seeding import ReseedHook, SeedState, add_seed_keys, resolve_seed
 
 __all__ = [
     "AtomicCheckpointer", "AtomicSaveMixin", "ConfigError", "EXIT_ERROR", "ReseedHook",
-    "ResumePoint", "SeedState", "ToolError", "add_seed_keys", "apply_overrides_strict", "build",
+    "ResumePoint", "SafeLoadMixin", "SeedState", "ToolError", "add_seed_keys",
+    "add_unsafe_pickle_key", "apply_overrides_strict", "build",
     "build_trainer",
     "check_start_checkpoint", "ddp", "last_checkpoint_file", "launch_guarded", "load_checked",
     "load_lazy_config", "load_tool_config", "metrics_writer", "read_checked", "resolve_seed",

@@ -8,6 +8,11 @@
 * :func:`read_checked`: the checkpoint file as a dict, every failure one :class:`ToolError`
   line; :func:`load_checked` adds a strict loader (``revvit_d2.load_pretrained`` or one of its
   kind); :func:`resume_point` finds what ``--resume`` continues from.
+
+Every file is read with :func:`revvit_d2.utils.io.read_checkpoint` (data only: a file whose
+pickle needs more is refused with :class:`~revvit_d2.utils.io.UnsafeCheckpointError`); the
+``allow_unsafe_pickle`` arguments, set by the tools' ``*.allow_unsafe_pickle`` config keys
+(:func:`add_unsafe_pickle_key`), opt in to loading such a file (it executes code from it).
 """
 import contextlib
 import glob
@@ -24,9 +29,9 @@ from ..utils.io import TMP_PREFIX, atomic_torch_save, atomic_write, read_checkpo
 from .cli import ToolError
 from .seeding import resolve_seed
 
-__all__ = ["AtomicCheckpointer", "AtomicSaveMixin", "ResumePoint", "check_start_checkpoint",
-           "last_checkpoint_file", "load_checked", "read_checked", "resume_from_checkpoint",
-           "resume_point"]
+__all__ = ["AtomicCheckpointer", "AtomicSaveMixin", "ResumePoint", "SafeLoadMixin",
+           "add_unsafe_pickle_key", "check_start_checkpoint", "last_checkpoint_file",
+           "load_checked", "read_checked", "resume_from_checkpoint", "resume_point"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +64,25 @@ class AtomicSaveMixin:
             f.write(last_filename_basename)
 
 
-class AtomicCheckpointer(AtomicSaveMixin, Checkpointer):
-    """detectron2's (fvcore's) ``Checkpointer`` with atomic writes and strict loading: loading
-    a checkpoint whose model keys do not match raises instead of being logged and ignored
-    (fvcore only logs them). Files are read with :func:`~revvit_d2.utils.io.read_checkpoint`."""
+class SafeLoadMixin:
+    """For fvcore/detectron2 ``Checkpointer`` subclasses: files are read with
+    :func:`~revvit_d2.utils.io.read_checkpoint` (fvcore's ``torch.load`` follows torch's
+    ``weights_only`` default, detectron2 unpickles ``.pkl`` files in full), so a checkpoint
+    whose pickle asks for code is refused. ``allow_unsafe_pickle=True`` (keyword of the
+    constructor) loads it after a warning: this executes code from the file."""
+
+    def __init__(self, *args, allow_unsafe_pickle: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allow_unsafe_pickle = bool(allow_unsafe_pickle)
 
     def _load_file(self, filename: str):
-        return read_checkpoint(filename)
+        return read_checkpoint(filename, allow_unsafe_pickle=self.allow_unsafe_pickle)
+
+
+class AtomicCheckpointer(SafeLoadMixin, AtomicSaveMixin, Checkpointer):
+    """detectron2's (fvcore's) ``Checkpointer`` with atomic writes, data-only reads
+    (:class:`SafeLoadMixin`) and strict loading: loading a checkpoint whose model keys do not
+    match raises instead of being logged and ignored (fvcore only logs them)."""
 
     def _load_model(self, checkpoint: Any):
         incompatible = super()._load_model(checkpoint)
@@ -104,17 +121,30 @@ def check_start_checkpoint(save_dir: str, init_checkpoint, resume: bool) -> None
         raise ToolError(f"train.init_checkpoint not found: {init_checkpoint}")
 
 
-def read_checked(path, require: Sequence[str] = (), mmap: bool = False) -> dict:
-    """The dict stored in checkpoint file `path` (:func:`~revvit_d2.utils.io.read_checkpoint`).
+def add_unsafe_pickle_key(section) -> None:
+    """Give a tool's config section (``train`` or ``eval``) the key ``allow_unsafe_pickle``
+    (False) when it lacks it: ``train.allow_unsafe_pickle=True`` loads checkpoints whose pickle
+    needs more than data, which executes code from them (only for files you trust)."""
+    if "allow_unsafe_pickle" not in section:
+        section["allow_unsafe_pickle"] = False
+
+
+def read_checked(path, require: Sequence[str] = (), mmap: bool = False,
+                 allow_unsafe_pickle: bool = False) -> dict:
+    """The dict stored in checkpoint file `path` (:func:`~revvit_d2.utils.io.read_checkpoint`,
+    which refuses a file whose pickle needs more than data unless `allow_unsafe_pickle`).
 
     Every way this can fail is one :class:`ToolError` line naming the file: it is missing,
     unreadable (empty, truncated, not a checkpoint), not a dict, or lacks one of the top-level
-    keys in `require` (e.g. ``"iteration"`` for a training checkpoint).
+    keys in `require` (e.g. ``"iteration"`` for a training checkpoint). A refused file is an
+    :class:`~revvit_d2.utils.io.UnsafeCheckpointError` line.
     """
     try:
-        data = read_checkpoint(path, mmap=mmap)
+        data = read_checkpoint(path, mmap=mmap, allow_unsafe_pickle=allow_unsafe_pickle)
     except FileNotFoundError as e:
         raise ToolError(str(e)) from None
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever torch.load makes of a damaged file
         raise ToolError(f"cannot read checkpoint {path}: {one_line(e)}") from None
     if not isinstance(data, dict):
@@ -127,13 +157,14 @@ def read_checked(path, require: Sequence[str] = (), mmap: bool = False) -> dict:
 
 
 def load_checked(model, path, what: str = "the model", load: Callable = load_pretrained,
-                 **kwargs) -> dict:
+                 allow_unsafe_pickle: bool = False, **kwargs) -> dict:
     """Read checkpoint `path` (:func:`read_checked`) and load it into `model` with
     ``load(model, data, **kwargs)``, a strict loader such as :func:`revvit_d2.load_pretrained`
     (the default) that raises :class:`~revvit_d2.CheckpointMismatchError` on any missing,
     unexpected or mis-shaped key. Returns the loader's report; a checkpoint that does not fit
-    is one :class:`ToolError` line (``checkpoint P (F format) does not fit <what>: ...``)."""
-    data = read_checked(path)
+    is one :class:`ToolError` line (``checkpoint P (F format) does not fit <what>: ...``).
+    `allow_unsafe_pickle`: see :func:`read_checked`."""
+    data = read_checked(path, allow_unsafe_pickle=allow_unsafe_pickle)
     fmt = detect_format(data)
     try:
         report = load(model, data, **kwargs)
@@ -154,11 +185,13 @@ class ResumePoint(NamedTuple):
     start_iter: int
 
 
-def resume_point(output_dir: str, resume: bool, configured_seed: Optional[int]) -> ResumePoint:
+def resume_point(output_dir: str, resume: bool, configured_seed: Optional[int],
+                 allow_unsafe_pickle: bool = False) -> ResumePoint:
     """With `resume`, the checkpoint ``<output_dir>/last_checkpoint`` names, read strictly
     (:func:`read_checked`: it must hold the ``iteration`` of a training checkpoint), and the
     seed saved in it; else a fresh start with ``train.seed`` (or a random seed shared by all
-    processes: call it on every process). Only the small entries are read (memory-mapped)."""
+    processes: call it on every process). Only the small entries are read (memory-mapped).
+    `allow_unsafe_pickle`: see :func:`read_checked`."""
     path = None
     saved_seed, saved_iter = None, -1
     if resume:
@@ -167,7 +200,8 @@ def resume_point(output_dir: str, resume: bool, configured_seed: Optional[int]) 
         except FileNotFoundError as e:
             raise ToolError(f"cannot resume: {e}") from None
     if path is not None:
-        data = read_checked(path, require=("iteration",), mmap=True)
+        data = read_checked(path, require=("iteration",), mmap=True,
+                            allow_unsafe_pickle=allow_unsafe_pickle)
         saved_iter = int(data["iteration"])
         seed = data.get("seed", {}).get("seed") if isinstance(data.get("seed"), dict) else None
         saved_seed = None if seed is None else int(seed)
