@@ -30,8 +30,8 @@ setup(
     ],
     package_dir={"revvit_video": "video"},
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
+        "torch>=2.6",  # torch.serialization.safe_globals (weights-only loading)
+        "torchvision>=0.21",
         "fvcore>=0.1.5.post20221221",
         "pycocotools>=2.0.7",
         "av>=12",

@@ -36,7 +36,7 @@ echo "[setup] installing base tools"
 echo "[setup] installing torch and torchvision"
 # Lower bounds only: pinning torch to the local CPU wheel pairs it with a torchvision whose C++
 # ops do not load (ENVIRONMENT.md, "the torch/torchvision pairing trap").
-"${PIP[@]}" install "torch>=2.4" "torchvision>=0.19"
+"${PIP[@]}" install "torch>=2.6" "torchvision>=0.21"
 
 if ! "$VENV/bin/python" -c "import detectron2" >/dev/null 2>&1; then
   echo "[setup] installing detectron2 (sal-detectron2 0.7.2 wheel)"
