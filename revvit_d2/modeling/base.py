@@ -48,6 +48,13 @@ class RevModelBase(nn.Module):
     def _run(self, blocks, x1: torch.Tensor, x2: torch.Tensor, thw: Sequence[int],
              names: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """A run of reversible blocks through the engine, with this model's options."""
+        # The patch embedding's tokens are a transposed view: without one copy here every
+        # LayerNorm in the stack would copy them and every residual add would write strided
+        # memory (the streams take the layout of their first input).
+        if x1 is x2:
+            x1 = x2 = x1.contiguous()
+        else:
+            x1, x2 = x1.contiguous(), x2.contiguous()
         return reversible_stack(blocks, x1, x2, thw, self.engine, names)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
