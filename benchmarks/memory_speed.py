@@ -107,7 +107,13 @@ def largest_batch(model, img, dtype, device, limit=65536):
 
 
 def step_times(models, batch, img, dtype, device, repeats):
-    """Interleaved timing: each round times one step of every model."""
+    """Median step time of every model, timed interleaved (:func:`step_samples`)."""
+    return {k: statistics.median(v)
+            for k, v in step_samples(models, batch, img, dtype, device, repeats).items()}
+
+
+def step_samples(models, batch, img, dtype, device, repeats):
+    """Interleaved timing: each round times one step of every model; all rounds' times."""
     x = torch.randn(batch, 3, img, img, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     times = {k: [] for k in models}
@@ -120,13 +126,16 @@ def step_times(models, batch, img, dtype, device, repeats):
             step(m, x, y, dtype, device)
             sync(device)
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def machine(device):
     info = dict(python=platform.python_version(), torch=torch.__version__,
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                cpu=platform.processor() or platform.machine(), cores=os.cpu_count())
+                cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                threads=torch.get_num_threads())
+    if hasattr(os, "getloadavg"):  # other jobs on the machine (1-minute load at the start)
+        info["loadavg_1min"] = round(os.getloadavg()[0], 2)
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if "model name" in ln)
@@ -146,7 +155,8 @@ def run(args):
         dtype = getattr(torch, dtype_name)
         for size in args.sizes:
             for depth in args.depths or [0]:
-                kinds = ["plain", "rev", "ckpt"] + (["rev_parallel"] if args.parallel else [])
+                kinds = args.sides or (["plain", "rev", "ckpt"]
+                                       + (["rev_parallel"] if args.parallel else []))
                 torch.manual_seed(0)
                 models = {k: build(k, size, depth, args.img_size).to(device).train()
                           for k in kinds}
@@ -162,8 +172,13 @@ def run(args):
 
 def measure(label, models, args, dtype, device):
     row = {"model": label, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
-    times = step_times(models, args.batch, args.img_size, dtype, device, args.repeats)
-    row["images_per_s"] = {k: args.batch / t for k, t in times.items()}
+    samples = step_samples(models, args.batch, args.img_size, dtype, device, args.repeats)
+    row["images_per_s"] = {k: args.batch / statistics.median(v) for k, v in samples.items()}
+    ref = samples[_reference(list(samples))]
+    # per round, this side's time over the reference's (same round: same machine load)
+    row["median_round_ratio"] = {k: statistics.median(t / r for t, r in zip(v, ref))
+                                 for k, v in samples.items()}
+    row["step_s"] = samples
     if device.type == "cuda":
         b1, b2 = args.memory_batches
         row["mib_per_image"] = {
@@ -181,7 +196,11 @@ def measure(label, models, args, dtype, device):
 
 
 def _reference(sides):
-    return "plain" if "plain" in sides else "revmvit_plain"
+    """The side the time ratios refer to: the plain model where measured, else the first."""
+    for ref in ("plain", "revmvit_plain"):
+        if ref in sides:
+            return ref
+    return list(sides)[0]
 
 
 def write(rows, info, args):
@@ -190,10 +209,11 @@ def write(rows, info, args):
         json.dump({"machine": info, "settings": vars(args), "rows": rows}, f, indent=1)
     lines = [f"# Training memory and speed ({info.get('gpu', info['cpu'])})", "",
              f"`{' '.join(sys.argv)}`; torch {info['torch']}, {info['date']}.", "",
-             "| model | dtype | side | images/s @ batch | ratio to plain (time) |"
-             + (" MiB/image | plain/this (memory) | largest batch |" if "mib_per_image" in
+             "| model | dtype | side | images/s @ batch | time ratio to reference | "
+             "median of per-round ratios |"
+             + (" MiB/image | reference/this (memory) | largest batch |" if "mib_per_image" in
                 (rows[0] if rows else {}) else ""),
-             "|---|---|---|---:|---:|" + ("---:|---:|---:|" if rows and "mib_per_image" in
+             "|---|---|---|---:|---:|---:|" + ("---:|---:|---:|" if rows and "mib_per_image" in
                                           rows[0] else "")]
     for r in rows:
         sides = list(r["images_per_s"])
@@ -201,14 +221,20 @@ def write(rows, info, args):
         for k in sides:
             t_ratio = r["images_per_s"][ref] / r["images_per_s"][k]
             line = (f"| {r['model']} | {r['dtype']} | {k} | {r['images_per_s'][k]:.1f} "
-                    f"@ {r['batch']} | {t_ratio:.3f}x |")
+                    f"@ {r['batch']} | {t_ratio:.3f}x ({ref}) |")
+            if "median_round_ratio" in r:
+                line += f" {r['median_round_ratio'][k]:.3f}x |"
+            else:  # a run saved before this column existed
+                line += " |"
             if "mib_per_image" in r:
                 mem = r["mib_per_image"][k]
                 line += (f" {mem:.1f} | {r['mib_per_image'][ref] / mem:.2f}x |"
                          f" {r.get('largest_batch', {}).get(k, '')} |")
             lines.append(line)
-    lines += ["", "Time ratio > 1: a step is that many times slower than the plain model's at "
-              "the same batch. Memory is per image (difference of two batch sizes).",
+    lines += ["", "Time ratio > 1: a step is that many times slower than the reference's (the "
+              "plain model where measured, else the first side) at the same batch; the first "
+              "ratio is of the median step times, the second the median over the interleaved "
+              "rounds of each round's ratio. Memory is per image (difference of two batch sizes).",
               "", f"Plot: [{os.path.basename(args.out)}.png]({os.path.basename(args.out)}.png)."]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -223,7 +249,7 @@ def plot(data, path):
     import matplotlib.pyplot as plt
 
     rows = data["rows"]
-    panels = [("images_per_s", "step time / plain's (lower is faster)")]
+    panels = [("images_per_s", "step time / reference's (lower is faster)")]
     if rows and "mib_per_image" in rows[0]:
         panels.append(("mib_per_image", "MiB per image"))
     if rows and "largest_batch" in rows[0]:
@@ -273,6 +299,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--largest-batch", action="store_true", help="also search the largest batch")
     p.add_argument("--parallel", action="store_true", help="add the parallel reversible backward")
+    p.add_argument("--sides", nargs="+", choices=["plain", "rev", "ckpt", "rev_parallel"],
+                   help="measure only these ViT sides (the first is the reference when "
+                        "'plain' is absent), e.g. --sides rev rev_parallel")
     p.add_argument("--mvit", action="store_true", help="add Rev-MViT-B vs plain autograd")
     p.add_argument("--out", default="docs/results/memory_speed")
     p.add_argument("--plot-only", metavar="JSON",
