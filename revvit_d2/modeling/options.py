@@ -22,8 +22,9 @@ class EngineOptions:
             ``torch.utils.checkpoint`` (the activation-checkpointing baseline of the memory
             benchmarks). Non-reversible layers (Rev-MViT's stage transitions) are not wrapped.
         parallel_backward (bool): PaReprop schedule of the reversible backward: on CUDA the
-            inversion of block i-1 runs on a second stream while block i's gradients are
-            computed; same gradients. On a CPU it runs sequentially (useful only to test it).
+            recomputation of block i-1 (with the graph its gradient step uses) runs on a second
+            stream while block i's gradients are computed; no extra F or G evaluation, same
+            gradients, one block's graphs more memory. On a CPU it runs in order.
         rev_anchor_every (int): if > 0, store the two streams every this many blocks, so the
             inversion error cannot accumulate over more blocks; costs one stored pair per chunk.
         check_finite (bool): raise ``FloatingPointError`` naming the first block whose output is
