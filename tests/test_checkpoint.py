@@ -1,5 +1,4 @@
 """Checkpoint conversion and strict loading, including the full-size official key layouts."""
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -9,18 +8,7 @@ import torch
 import revvit_d2
 from revvit_d2.checkpoint import CheckpointMismatchError, detect_format
 
-from _helpers import load_oracle
-
-KEYS = Path(__file__).resolve().parent / "data" / "keys"
-
-
-def _fake_state_dict(key_file):
-    sd = OrderedDict()
-    for line in (KEYS / key_file).read_text().splitlines():
-        if line.strip():
-            key, shape = line.split()
-            sd[key] = torch.empty(json.loads(shape), device="meta")
-    return sd
+from _helpers import load_oracle, official_key_shapes
 
 
 def _model_shapes(name, **kw):
@@ -36,7 +24,7 @@ def _model_shapes(name, **kw):
     ("official_keys_REV_MVIT_B_16x4.txt", "rev_mvit_b_16x4"),
 ])
 def test_full_size_slowfast_layout_maps_exactly(key_file, name):
-    converted = revvit_d2.convert_slowfast_state_dict(_fake_state_dict(key_file))
+    converted = revvit_d2.convert_slowfast_state_dict(official_key_shapes(key_file))
     assert {k: tuple(v.shape) for k, v in converted.items()} == _model_shapes(name)
 
 
@@ -45,7 +33,7 @@ def test_full_size_slowfast_layout_maps_exactly(key_file, name):
     ("mmpretrain_keys_revvit_base.txt", "rev_vit_b"),
 ])
 def test_full_size_mmpretrain_layout_maps_exactly(key_file, name):
-    converted = revvit_d2.convert_mmpretrain_state_dict(_fake_state_dict(key_file))
+    converted = revvit_d2.convert_mmpretrain_state_dict(official_key_shapes(key_file))
     assert {k: tuple(v.shape) for k, v in converted.items()} == _model_shapes(name)
 
 

@@ -9,7 +9,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -160,21 +160,21 @@ print("ok")
 """
 
 
-def _modules_under(package: str, sub: str) -> List[str]:
+def _modules_under(sub: str) -> List[str]:
     return [name for name, _, _ in iter_modules() if name == sub or name.startswith(sub + ".")]
 
 
 @pytest.mark.parametrize("blocked,modules", [
     (("detectron2",),
      ["revvit_d2", "revvit_d2.checkpoint", "revvit_d2.official"]
-     + _modules_under("revvit_d2", "revvit_d2.modeling")
-     + _modules_under("revvit_d2", "revvit_d2.utils")
-     + _modules_under("revvit_d2", "revvit_d2.data")
+     + _modules_under("revvit_d2.modeling")
+     + _modules_under("revvit_d2.utils")
+     + _modules_under("revvit_d2.data")
      + ["revvit_video", "revvit_video.models", "revvit_video.hub", "revvit_video.data",
         "revvit_video.transforms"]),
     (("detectron2", "pytorchvideo"),
-     ["revvit_d2"] + _modules_under("revvit_d2", "revvit_d2.modeling")
-     + _modules_under("revvit_d2", "revvit_d2.data")),
+     ["revvit_d2"] + _modules_under("revvit_d2.modeling")
+     + _modules_under("revvit_d2.data")),
 ], ids=["without-detectron2", "without-detectron2-and-pytorchvideo"])
 def test_imports_without_the_wrapped_libraries(blocked, modules):
     code = _BLOCKER.format(blocked=set(blocked), modules=modules)

@@ -346,7 +346,7 @@ def test_multiview_aggregation_against_a_hand_computation():
 
 
 def test_atomic_checkpointer_never_leaves_a_partial_file(tmp_path, monkeypatch):
-    from revvit_video.engine import AtomicCheckpointer
+    from revvit_d2.training import AtomicCheckpointer
 
     model = torch.nn.Linear(3, 2)
     ckpt = AtomicCheckpointer(model, str(tmp_path))

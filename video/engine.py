@@ -13,8 +13,6 @@ engine (``SimpleTrainer``, hooks, ``EventStorage``, ``Checkpointer``).
 * :class:`VideoTrainer` / :class:`VideoAMPTrainer`: detectron2's ``SimpleTrainer`` /
   ``AMPTrainer`` plus gradient clipping and the position of every process's training data
   stream in the checkpoints, for an exact resume.
-* :class:`~revvit_d2.training.AtomicCheckpointer` (from :mod:`revvit_d2.training`): atomic
-  saves, strict loads.
 * :class:`VideoMetricPrinter`: the periodic progress line (iteration, epoch, loss, lr, clips/s,
   ETA, skipped videos).
 """
@@ -32,7 +30,6 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
-from revvit_d2.training import AtomicCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +41,6 @@ __all__ = [
     "ClipClassificationLoss",
     "VideoTrainer",
     "VideoAMPTrainer",
-    "AtomicCheckpointer",
     "VideoMetricPrinter",
 ]
 
