@@ -40,8 +40,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .options import EngineOptions
-from .replay import (RNGState, apply_mask, autocast_state, drop_path_mask, module_uses_rng,
-                     recompute_with_graph)
+from .parallel import parallel_backward
+from .replay import (ParamGrads, RNGState, add_grad, apply_mask, autocast_state, backprop,
+                     drop_path_mask, module_uses_rng, recompute_f, recompute_g)
 
 __all__ = ["ReversibleBlock", "RevBackProp", "reversible_stack", "drop_path_mask",
            "compile_subblocks"]
@@ -138,20 +139,6 @@ class _RunSpec:
         self.options = options
 
 
-class _ParamGrads:
-    """Sums the gradients of a run's parameters (a parameter may appear in several blocks)."""
-
-    def __init__(self, params):
-        self.index = {id(p): i for i, p in enumerate(params)}
-        self.grads: List[Optional[torch.Tensor]] = [None] * len(params)
-
-    def add(self, params, grads):
-        for p, g in zip(params, grads):
-            if g is not None:
-                k = self.index[id(p)]
-                self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
-
-
 class RevBackProp(torch.autograd.Function):
     """Memory-saving forward/backward over a run of :class:`ReversibleBlock`.
 
@@ -182,181 +169,26 @@ class RevBackProp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy1, dy2):
         y1, y2 = (t.detach() for t in ctx.saved_tensors)
-        grads = _ParamGrads(ctx.spec.params)
-        schedule = _parallel_backward if ctx.spec.options.parallel_backward else _sequential_backward
+        grads = ParamGrads(ctx.spec.params)
+        schedule = parallel_backward if ctx.spec.options.parallel_backward else sequential_backward
         dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
         ctx.records = None
         return (dx1, dx2, None) + tuple(grads.grads)
 
 
-class _Branch:
-    """One recomputed sub-block with its small graph: ``out = DP(H(input))`` on parameter
-    aliases; back-propagating through it gives the input's and the parameters' gradients."""
-
-    __slots__ = ("out", "input", "leaves", "aliases")
-
-    def __init__(self, out, input, leaves, aliases):
-        self.out, self.input, self.leaves, self.aliases = out, input, leaves, aliases
-
-
-def _recompute_g(blk, rec, autocast, y1, y2):
-    """(G branch with its graph, X2 = Y2 - DP(G(Y1)))."""
-    y1 = y1.detach().requires_grad_(True)
-    out, leaves, aliases = recompute_with_graph(blk.G, rec.rng_g, rec.mask, autocast, y1)
-    with torch.no_grad():
-        x2 = y2 - out
-    return _Branch(out, y1, leaves, aliases), x2
-
-
-def _recompute_f(blk, rec, autocast, thw, x2, y1):
-    """(F branch with its graph, X1 = Y1 - DP(F(X2)))."""
-    x2 = x2.detach().requires_grad_(True)
-    out, leaves, aliases = recompute_with_graph(blk.F, rec.rng_f, rec.mask, autocast, x2, thw)
-    with torch.no_grad():
-        x1 = y1.detach() - out
-    return _Branch(out, x2, leaves, aliases), x1
-
-
-def _backprop(branch: _Branch, dout, grads: _ParamGrads) -> Optional[torch.Tensor]:
-    """Back-propagate ``dout`` through a recomputed branch; adds the parameter gradients to
-    ``grads`` and returns the gradient of the branch input (None if it does not depend on it)."""
-    g = torch.autograd.grad(branch.out, [branch.input] + branch.aliases, dout, allow_unused=True)
-    grads.add(branch.leaves, g[1:])
-    return g[0]
-
-
-def _plus(a, b):
-    if b is None:
-        return a
-    with torch.no_grad():
-        return a + b
-
-
-def _sequential_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: _ParamGrads):
+def sequential_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGrads):
     """Walk the blocks backwards: rebuild each block's inputs from its outputs while
     back-propagating through the recomputed G, then F (one recomputation of each per block;
     at most one sub-block's graph alive at a time)."""
     for blk, rec in zip(reversed(spec.blocks), reversed(records)):
-        g_branch, x2 = _recompute_g(blk, rec, autocast, y1, y2)
-        dy1 = _plus(dy1, _backprop(g_branch, dy2, grads))  # dY1 total = dY1 + dG/dY1^T dY2
+        g_branch, x2 = recompute_g(blk, rec, autocast, y1, y2)
+        dy1 = add_grad(dy1, backprop(g_branch, dy2, grads))  # dY1 total = dY1 + dG/dY1^T dY2
         del g_branch
-        f_branch, x1 = _recompute_f(blk, rec, autocast, spec.thw, x2, y1)
-        dx2 = _plus(dy2, _backprop(f_branch, dy1, grads))
+        f_branch, x1 = recompute_f(blk, rec, autocast, spec.thw, x2, y1)
+        dx2 = add_grad(dy2, backprop(f_branch, dy1, grads))
         del f_branch
         y1, y2, dy2 = x1, x2, dx2  # the rebuilt inputs are the previous block's outputs
     return dy1, dy2
-
-
-class _Recomputed:
-    """Block i recomputed: its inputs (X1, X2) and the graphs of G(Y1) and F(X2)."""
-
-    __slots__ = ("g_branch", "f_branch", "x1", "x2", "stream", "done")
-
-    def __init__(self, g_branch, f_branch, x1, x2, stream, done):
-        self.g_branch, self.f_branch, self.x1, self.x2 = g_branch, f_branch, x1, x2
-        self.stream, self.done = stream, done
-
-
-def _parallel_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: _ParamGrads):
-    """PaReprop schedule (Zhu & Mangalam, 2023), with no extra work: the recomputation of
-    block i-1 *with* its graph (G(Y1) and F(X2) on parameter aliases, which also rebuilds the
-    block's inputs) runs while block i's gradients are computed from the graphs built one step
-    earlier. Every F and G is evaluated once, as in the sequential backward; memory holds one
-    block's graphs more.
-
-    What overlaps and what cannot: block i-1's recomputation needs only block i's rebuilt
-    inputs; its gradient step needs dY of block i, and within a block dY1 must include the G
-    branch's gradient before F is back-propagated, so the gradient steps stay in order.
-
-    Autograd runs each backward op on the stream its forward op ran on, so a graph built on a
-    side stream is back-propagated there: the two streams (the caller's and one side stream per
-    device, reused across calls) swap roles every block. Block i is recomputed and
-    back-propagated on one stream while block i-1 is recomputed on the other; events order the
-    hand-overs (rebuilt inputs, dY) and ``record_stream`` keeps each handed-over tensor's memory
-    until the receiving stream is done with it. On a CPU the same schedule runs in order.
-    """
-    blocks = spec.blocks
-    n = len(blocks)
-    main = torch.cuda.current_stream(y1.device) if y1.device.type == "cuda" else None
-    streams = (main, _side_stream(y1.device)) if main is not None else (None, None)
-    accumulators = (grads, _ParamGrads(spec.params) if main is not None else grads)
-
-    def recompute(i, a1, a2, after):
-        """Block i's graphs and inputs from its outputs (a1, a2), on its stream."""
-        stream = streams[(n - 1 - i) % 2]
-        if stream is None:
-            return _Recomputed(*_recompute_block(spec, records, autocast, i, a1, a2), None, None)
-        stream.wait_event(after)
-        for t in (a1, a2):
-            t.record_stream(stream)
-        with torch.cuda.stream(stream):
-            parts = _recompute_block(spec, records, autocast, i, a1, a2)
-            done = stream.record_event()
-        return _Recomputed(*parts, stream, done)
-
-    start = main.record_event() if main is not None else None
-    nxt = recompute(n - 1, y1, y2, start)
-    ready = start  # the event after which dY of the current block is ready
-    for i in range(n - 1, -1, -1):
-        cur = nxt
-        if i > 0:  # overlap: recompute block i-1 while block i's gradients are computed
-            nxt = recompute(i - 1, cur.x1, cur.x2, cur.done)
-        acc = accumulators[(n - 1 - i) % 2]
-        if cur.stream is None:
-            dy1, dy2 = _gradient_step(cur, dy1, dy2, acc)
-        else:
-            cur.stream.wait_event(ready)
-            for t in (dy1, dy2):
-                t.record_stream(cur.stream)
-            with torch.cuda.stream(cur.stream):
-                dy1, dy2 = _gradient_step(cur, dy1, dy2, acc)
-                ready = cur.stream.record_event()
-        del cur
-    if main is not None:
-        _join(main, streams[1], accumulators, (dy1, dy2))
-    return dy1, dy2
-
-
-def _recompute_block(spec, records, autocast, i, y1, y2):
-    blk, rec = spec.blocks[i], records[i]
-    g_branch, x2 = _recompute_g(blk, rec, autocast, y1, y2)
-    f_branch, x1 = _recompute_f(blk, rec, autocast, spec.thw, x2, y1)
-    return g_branch, f_branch, x1, x2
-
-
-def _gradient_step(cur: _Recomputed, dy1, dy2, grads: _ParamGrads):
-    """(dX1, dX2) of a recomputed block from (dY1, dY2): G first, then F with the total dY1."""
-    dy1 = _plus(dy1, _backprop(cur.g_branch, dy2, grads))
-    cur.g_branch = None
-    dx2 = _plus(dy2, _backprop(cur.f_branch, dy1, grads))
-    cur.f_branch = None
-    return dy1, dx2
-
-
-def _join(main, side, accumulators, outputs):
-    """Back on the caller's stream: wait for the side stream, keep its tensors alive for the
-    caller's stream, and add the side stream's parameter gradients to the caller's."""
-    main.wait_stream(side)
-    grads, side_grads = accumulators
-    for t in outputs:
-        t.record_stream(main)
-    for k, g in enumerate(side_grads.grads):
-        if g is not None:
-            g.record_stream(main)
-            grads.grads[k] = g if grads.grads[k] is None else grads.grads[k] + g
-
-
-_SIDE_STREAMS = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The parallel backward's side stream of a CUDA device: one per device, made once and
-    reused by every backward call and anchor chunk (each new stream would get its own
-    allocator pool)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
 
 
 def _trainable_params(blocks) -> List[nn.Parameter]:
