@@ -125,6 +125,10 @@ class _Record:
         self.rng_f = rng_f
         self.rng_g = rng_g
 
+    def samples(self, rows: slice) -> "_Record":
+        """The record of some samples of the batch (no RNG: chunking refuses dropout)."""
+        return _Record(self.mask[rows] if self.mask is not None else None, None, None)
+
 
 class _RunSpec:
     """One reversible run: its blocks, token grid, trainable parameters, block names, options."""
@@ -149,6 +153,8 @@ class RevBackProp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1, x2, spec, *params):
+        if spec.options.rev_backward_chunk:
+            _refuse_dropout(spec)
         records: List[_Record] = []
         for i, blk in enumerate(spec.blocks):
             mask = drop_path_mask(x1, blk.drop_path_rate, blk.training)
@@ -171,9 +177,41 @@ class RevBackProp(torch.autograd.Function):
         y1, y2 = (t.detach() for t in ctx.saved_tensors)
         grads = ParamGrads(ctx.spec.params)
         schedule = parallel_backward if ctx.spec.options.parallel_backward else sequential_backward
-        dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
+        chunk = ctx.spec.options.rev_backward_chunk
+        if chunk <= 0 or chunk >= y1.shape[0]:
+            dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
+        else:
+            dx1, dx2 = _chunked(schedule, chunk, ctx.spec, ctx.records, ctx.autocast,
+                                y1, y2, dy1, dy2, grads)
         ctx.records = None
         return (dx1, dx2, None) + tuple(grads.grads)
+
+
+def _chunked(schedule, chunk, spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGrads):
+    """The whole backward of the run, ``chunk`` samples at a time (backward micro-chunks).
+
+    F and G act on every sample independently, so the samples' input gradients are separable
+    and the parameter gradients are sums over samples; the working set (one block's graphs,
+    rebuilt inputs, their gradients) is that of one chunk. Only the input gradients of the
+    batch are allocated whole."""
+    dx1, dx2 = torch.empty_like(y1), torch.empty_like(y2)
+    for start in range(0, y1.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        part = [rec.samples(rows) for rec in records]
+        c1, c2 = schedule(spec, part, autocast, y1[rows], y2[rows], dy1[rows], dy2[rows], grads)
+        dx1[rows] = c1
+        dx2[rows] = c2
+    return dx1, dx2
+
+
+def _refuse_dropout(spec):
+    for i, blk in enumerate(spec.blocks):
+        if module_uses_rng(blk.F) or module_uses_rng(blk.G):
+            name = spec.names[i] if spec.names is not None else f"block {i}"
+            raise ValueError(
+                f"rev_backward_chunk={spec.options.rev_backward_chunk} cannot replay the dropout "
+                f"active in {name} per chunk; set the model's dropout_rate to 0 or "
+                f"rev_backward_chunk=0")
 
 
 def sequential_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGrads):
@@ -214,7 +252,10 @@ def reversible_stack(
     The memory-saving backward is used when ``options.use_rev_backprop`` is True and a graph is
     being recorded (grad mode on, and the input or some parameter requires grad). Otherwise
     (inference under ``torch.no_grad()``, or ``use_rev_backprop=False``) it is a plain loop over
-    the blocks: same arithmetic, same random draws, ordinary autograd.
+    the blocks: same arithmetic, same random draws, ordinary autograd. With
+    ``options.stored_blocks = k`` the last k blocks of ``blocks`` run under ordinary autograd
+    after the reversible run of the others (a model translates its model-wide ``k`` into the
+    share of each of its runs).
 
     Args:
         blocks: the run of blocks.
@@ -225,16 +266,25 @@ def reversible_stack(
     """
     options = options if options is not None else EngineOptions()
     thw = tuple(int(s) for s in thw)
+    blocks = list(blocks)
+    names = list(names) if names is not None else None
+    done = 0  # blocks already run through the reversible engine
     if options.use_rev_backprop and torch.is_grad_enabled():
-        params = _trainable_params(blocks)
-        if params or x1.requires_grad or x2.requires_grad:
-            return _reversible_runs(list(blocks), x1, x2, thw, params, options, names)
-    checkpointing = options.act_checkpoint and torch.is_grad_enabled()
-    for i, blk in enumerate(blocks):
+        n_rev = len(blocks) - min(options.stored_blocks, len(blocks))
+        params = _trainable_params(blocks[:n_rev])
+        if n_rev and (params or x1.requires_grad or x2.requires_grad):
+            x1, x2 = _reversible_runs(blocks[:n_rev], x1, x2, thw, params, options,
+                                      names[:n_rev] if names is not None else None)
+            done = n_rev
+    # Plain autograd: the stored blocks of the hybrid, use_rev_backprop=False, or no graph.
+    checkpointing = (options.act_checkpoint and not options.use_rev_backprop
+                     and torch.is_grad_enabled())
+    for i in range(done, len(blocks)):
         if checkpointing:
-            x1, x2 = torch.utils.checkpoint.checkpoint(blk, x1, x2, thw, use_reentrant=False)
+            x1, x2 = torch.utils.checkpoint.checkpoint(blocks[i], x1, x2, thw,
+                                                       use_reentrant=False)
         else:
-            x1, x2 = blk(x1, x2, thw)
+            x1, x2 = blocks[i](x1, x2, thw)
         if options.check_finite:
             _check_finite(x1, i, names)
             _check_finite(x2, i, names)
@@ -243,7 +293,6 @@ def reversible_stack(
 
 def _reversible_runs(blocks, x1, x2, thw, params, options, names):
     """One :class:`RevBackProp` per chunk of ``rev_anchor_every`` blocks (all blocks if 0)."""
-    names = list(names) if names is not None else None
     step = options.rev_anchor_every if options.rev_anchor_every > 0 else len(blocks)
     for start in range(0, len(blocks), step):
         chunk = blocks[start:start + step]
