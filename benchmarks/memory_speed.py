@@ -144,7 +144,8 @@ def with_fallback(timer, batch, models, device, shrink=0.875, tries=12):
         if ok:
             return batch, value
         batch = min(batch - 1, int(batch * shrink))
-        print(f"retrying at batch {batch}", file=sys.stderr, flush=True)
+        if batch >= 1:
+            print(f"retrying at batch {batch}", file=sys.stderr, flush=True)
     return 0, None
 
 
