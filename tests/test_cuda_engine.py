@@ -85,7 +85,7 @@ def _blocks(model):
 # The engine's internals this file hooks into. The sequential backward rebuilds a block's inputs
 # in two functions of `reversible`, each returning (the recomputed branch, one rebuilt stream).
 # Re-point these names when the engine is refactored; nothing else here depends on them.
-_REBUILDERS = (("_recompute_g", "x2"), ("_recompute_f", "x1"))
+_REBUILDERS = (("recompute_g", "x2"), ("recompute_f", "x1"))
 
 
 def _spy_rebuilt_inputs(monkeypatch, perturb=None):
