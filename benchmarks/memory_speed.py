@@ -57,16 +57,19 @@ VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
 def build(kind: str, size: str, depth: int, img: int, **extra):
     """kind: 'rev' (Rev-ViT), 'plain' (timm ViT), 'ckpt' (timm ViT + grad checkpointing),
-    'rev_parallel' (Rev-ViT, parallel backward), 'revmvit' / 'revmvit_plain'."""
+    'rev_parallel' (Rev-ViT, parallel backward), 'rev_hybrid' (Rev-ViT whose last half of the
+    blocks keep their activations: ``stored_blocks=depth // 2``), 'revmvit' / 'revmvit_plain'."""
     if kind.startswith("revmvit"):
         return revvit_d2.create_model("rev_mvit_b", use_rev_backprop=(kind == "revmvit"),
                                       drop_path_rate=0.0, **extra)
     dim, default_depth, heads = VIT_SIZES[size]
     depth = depth or default_depth
-    if kind in ("rev", "rev_parallel"):
+    if kind in ("rev", "rev_parallel", "rev_hybrid"):
         return revvit_d2.create_model(f"rev_vit_{size}", depth=depth, img_size=img,
                                       drop_path_rate=0.0,
-                                      parallel_backward=(kind == "rev_parallel"), **extra)
+                                      parallel_backward=(kind == "rev_parallel"),
+                                      stored_blocks=depth // 2 if kind == "rev_hybrid" else 0,
+                                      **extra)
     import timm
 
     model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=dim,
@@ -246,7 +249,8 @@ def run(args, on_row=None):
         for size in args.sizes:
             for depth in args.depths or [0]:
                 kinds = args.sides or (["plain", "rev", "ckpt"]
-                                       + (["rev_parallel"] if args.parallel else []))
+                                       + (["rev_parallel"] if args.parallel else [])
+                                       + (["rev_hybrid"] if args.hybrid else []))
                 torch.manual_seed(0)
                 # built on the CPU: measure() moves only the models it measures to the device
                 models = {k: build(k, size, depth, args.img_size).train() for k in kinds}
@@ -432,7 +436,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--largest-batch", action="store_true", help="also search the largest batch")
     p.add_argument("--parallel", action="store_true", help="add the parallel reversible backward")
-    p.add_argument("--sides", nargs="+", choices=["plain", "rev", "ckpt", "rev_parallel"],
+    p.add_argument("--hybrid", action="store_true",
+                   help="add Rev-ViT with stored_blocks = depth // 2 (the memory-budget hybrid)")
+    p.add_argument("--sides", nargs="+",
+                   choices=["plain", "rev", "ckpt", "rev_parallel", "rev_hybrid"],
                    help="measure only these ViT sides (the first is the reference when "
                         "'plain' is absent), e.g. --sides rev rev_parallel")
     p.add_argument("--mvit", action="store_true", help="add Rev-MViT-B vs plain autograd")
