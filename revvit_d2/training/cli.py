@@ -118,14 +118,13 @@ def launch_guarded(main: Callable, args,
     try:
         try:
             device = check(args) if check is not None else None
-            gpus = processes_use_gpus(device, args.num_gpus)
+            processes_use_gpus(device, args.num_gpus)  # too few GPUs: one line, here
         except expected + (ToolError,) as e:
             print_error(e)
             return EXIT_ERROR
-        with _gpus_hidden(args.num_gpus * args.num_machines > 1 and not gpus):
-            launch(run_guarded, args.num_gpus, num_machines=args.num_machines,
-                   machine_rank=args.machine_rank, dist_url=args.dist_url,
-                   args=(main, args, expected))
+        launch_on(device, run_guarded, args.num_gpus, num_machines=args.num_machines,
+                  machine_rank=args.machine_rank, dist_url=args.dist_url,
+                  args=(main, args, expected))
     except SystemExit as e:  # one process: run_guarded's status
         return int(e.code or 0)
     except KeyboardInterrupt:
