@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Memory per sample against step time for engine settings, side by side on the CPU.
 
-Two presets:
+Three presets:
+
+``--preset overhead`` (step time only): the reversible engine and activation checkpointing
+against the same model with plain autograd (``use_rev_backprop=False``), at each ``--widths``;
+the FLOP bound of the reversible backward is one extra forward of F and G per block.
 
 ``--preset hybrid`` (the memory-budget hybrid, ``stored_blocks=k``): plain autograd, activation
 checkpointing, and the reversible engine with k = 0, 2, 4, ... depth stored blocks. Beside the
@@ -45,6 +49,9 @@ NUM_CLASSES = 10
 
 def settings_of(preset, depth, chunk):
     """[(label, memory_vs_depth mode, overrides)]; the first is the time reference."""
+    if preset == "overhead":
+        return [("plain", "plain", []), ("reversible", "reversible", []),
+                ("checkpoint", "checkpoint", [])]
     if preset == "hybrid":
         ks = sorted(set(range(0, depth + 1, 2)) | {depth})
         return ([("plain", "plain", []), ("checkpoint", "checkpoint", [])]
@@ -94,21 +101,26 @@ def step_time_ratios(args, width, settings):
     y = torch.randint(0, NUM_CLASSES, (args.time_batch,))
 
     def step(model):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=False)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for model in models.values():
         step(model)  # warm-up
     times = {label: [] for label in models}
+    cpu = {label: [] for label in models}
     for _ in range(args.rounds):
         for label, model in models.items():
-            times[label].append(step(model))
+            wall, used = step(model)
+            times[label].append(wall)
+            cpu[label].append(used)
     ref = settings[0][0]
     ratios = {label: statistics.median(t / r for t, r in zip(times[label], times[ref]))
               for label in models}
-    return ratios, times
+    cpu_ratios = {label: statistics.median(t / r for t, r in zip(cpu[label], cpu[ref]))
+                  for label in models}
+    return ratios, cpu_ratios, times
 
 
 def estimates(args, width):
@@ -127,19 +139,21 @@ def run(args, argv):
     rows = []
     for width in args.widths:
         settings = settings_of(args.preset, args.depth, args.chunk)
-        ratios, times = step_time_ratios(args, width, settings)
+        ratios, cpu_ratios, times = step_time_ratios(args, width, settings)
         est = estimates(args, width) if args.preset == "hybrid" else {}
         for label, mode, overrides in settings:
-            mem = memory_per_sample(args, width, mode, overrides)
+            mem = (memory_per_sample(args, width, mode, overrides) if args.preset != "overhead"
+                   else dict(per_sample_mib=None, peak_mib=[]))
             rows.append(dict(width=width, setting=label, mode=mode, overrides=overrides,
                              per_sample_mib=mem["per_sample_mib"], peak_mib=mem["peak_mib"],
-                             step_time_ratio=ratios[label],
+                             step_time_ratio=ratios[label], cpu_time_ratio=cpu_ratios[label],
                              median_step_s=statistics.median(times[label]),
-                             estimate_mib=est.get(label)))
+                             step_s=times[label], estimate_mib=est.get(label)))
             if not args.quiet:
                 r = rows[-1]
-                print(f"width {width} {label:12s} {r['per_sample_mib']:7.2f} MiB/sample "
-                      f"time x{r['step_time_ratio']:.3f}", flush=True)
+                mib = f"{r['per_sample_mib']:7.2f} MiB/sample " if r["per_sample_mib"] else ""
+                print(f"width {width} {label:12s} {mib}time x{r['step_time_ratio']:.3f} "
+                      f"(CPU time x{r['cpu_time_ratio']:.3f})", flush=True)
     info = machine_info()
     info["load_average_1min_at_start"] = load_start
     info["threads"] = args.threads
@@ -158,28 +172,41 @@ def run(args, argv):
     return 0
 
 
+TITLES = {
+    "overhead": "Reversible backward overhead: step time vs plain autograd (CPU)",
+    "hybrid": "Memory-budget hybrid (stored_blocks=k): memory per sample vs step time (CPU)",
+    "chunks": "Backward micro-chunks (rev_backward_chunk): memory per sample vs step time (CPU)",
+}
+
+
 def markdown(out):
-    s, m = out["settings"], out["machine"]
-    ref = "plain autograd" if out["preset"] == "hybrid" else "the reversible engine without chunks"
-    title = ("Memory-budget hybrid (stored_blocks=k): memory per sample vs step time (CPU)"
-             if out["preset"] == "hybrid" else
-             "Backward micro-chunks (rev_backward_chunk): memory per sample vs step time (CPU)")
-    lines = [f"# {title}", "",
-             f"Rev-ViT, depth {s['depth']}, {s['img_size']}x{s['img_size']}, fp32. Memory per "
-             f"sample: (peak RSS at batch {s['batch_sizes'][1]} - at batch {s['batch_sizes'][0]})"
-             f" / {s['batch_sizes'][1] - s['batch_sizes'][0]}, one fresh process per peak. Step "
+    s, m, preset = out["settings"], out["machine"], out["preset"]
+    ref = "the reversible engine without chunks" if preset == "chunks" else (
+        "plain autograd (the same model, `use_rev_backprop=False`)")
+    memory = "" if preset == "overhead" else (
+        f"Memory per sample: (peak RSS at batch {s['batch_sizes'][1]} - at batch "
+        f"{s['batch_sizes'][0]}) / {s['batch_sizes'][1] - s['batch_sizes'][0]}, one fresh "
+        f"process per peak. ")
+    lines = [f"# {TITLES[preset]}", "",
+             f"Rev-ViT, depth {s['depth']}, {s['img_size']}x{s['img_size']}, fp32. {memory}Step "
              f"time: median over {s['rounds']} interleaved rounds of the per-round ratio to "
-             f"{ref}, batch {s['time_batch']}.", ""]
-    est = out["preset"] == "hybrid"
-    head = ["width", "setting", "MiB per sample", "step time ratio"] + (
-        ["estimated MiB per sample"] if est else []) + ["peak MiB (small / large batch)"]
+             f"{ref}, batch {s['time_batch']}; wall clock, and beside it the process CPU time "
+             f"(less sensitive to other jobs on the machine).", ""]
+    head = ["width", "setting"] + ([] if preset == "overhead" else ["MiB per sample"]) + [
+        "step time ratio", "CPU time ratio", "median step (s)"] + (
+        ["estimated MiB per sample"] if preset == "hybrid" else []) + (
+        [] if preset == "overhead" else ["peak MiB (small / large batch)"])
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in out["rows"]:
-        cells = [str(r["width"]), r["setting"], f"{r['per_sample_mib']:.2f}",
-                 f"{r['step_time_ratio']:.3f}x"]
-        if est:
+        cells = [str(r["width"]), r["setting"]]
+        if preset != "overhead":
+            cells.append(f"{r['per_sample_mib']:.2f}")
+        cells += [f"{r['step_time_ratio']:.3f}x", f"{r['cpu_time_ratio']:.3f}x",
+                  f"{r['median_step_s']:.2f}"]
+        if preset == "hybrid":
             cells.append(f"{r['estimate_mib']:.2f}" if r["estimate_mib"] is not None else "")
-        cells.append(" / ".join(f"{p:.0f}" for p in r["peak_mib"]))
+        if preset != "overhead":
+            cells.append(" / ".join(f"{p:.0f}" for p in r["peak_mib"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), "
               f"torch {m['torch']}, {m['date']}, by `{out['command']}` (total "
@@ -196,6 +223,18 @@ def plot(out, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if out["preset"] == "overhead":
+        for width in out["settings"]["widths"]:
+            rows = [r for r in out["rows"] if r["width"] == width]
+            ax.bar([f"{r['setting']}\n{width}" for r in rows],
+                   [r["step_time_ratio"] for r in rows])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel("step time / plain autograd")
+        ax.set_title(f"Rev-ViT depth {out['settings']['depth']}, CPU", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     for width in out["settings"]["widths"]:
         rows = [r for r in out["rows"] if r["width"] == width]
         ax.plot([r["per_sample_mib"] for r in rows], [r["step_time_ratio"] for r in rows],
@@ -216,7 +255,7 @@ def plot(out, path):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=("hybrid", "chunks"), required=True)
+    p.add_argument("--preset", choices=("overhead", "hybrid", "chunks"), required=True)
     p.add_argument("--widths", type=int, nargs="+", default=[384])
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--img-size", type=int, default=224)
@@ -236,7 +275,7 @@ def parse_args(argv):
         args.batch_sizes = args.batch_sizes or [2, 4]
         args.chunk = min(args.chunk, 2)
     if args.batch_sizes is None:
-        args.batch_sizes = [2, 6] if args.preset == "hybrid" else [16, 32]
+        args.batch_sizes = [16, 32] if args.preset == "chunks" else [2, 6]
     args.time_batch = args.time_batch or args.batch_sizes[1]
     return args
 

@@ -328,3 +328,31 @@ def test_memory_speed_reads_saved_results(ms, tmp_path):
     assert "| out of memory |" in md and "| 40 (timed at 35) |" in md
     assert "| vit_l | float32 | | out of memory at every batch tried |" in md
     ms.plot(json.loads((tmp_path / "new.json").read_text()), str(tmp_path / "new.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["overhead", "hybrid", "chunks"])
+def test_engine_tradeoff_smoke(tmp_path, preset):
+    """benchmarks/engine_tradeoff.py end to end at tiny sizes: every setting measured, step
+    time relative to the reference, memory rows (except the time-only preset), estimates for
+    the hybrid."""
+    out = tmp_path / preset
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_tradeoff.py"), "--preset", preset,
+           "--smoke", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    labels = [r["setting"] for r in rows]
+    expected = {"overhead": ["plain", "reversible", "checkpoint"],
+                "hybrid": ["plain", "checkpoint", "k=0", "k=2", "k=4"],
+                "chunks": ["reversible", "chunk=2"]}[preset]
+    assert labels == expected
+    assert rows[0]["step_time_ratio"] == 1.0 and all(r["step_time_ratio"] > 0 for r in rows)
+    if preset == "overhead":
+        assert all(r["per_sample_mib"] is None for r in rows)
+    else:
+        assert all(len(r["peak_mib"]) == 2 and r["peak_mib"][0] > 0 for r in rows)
+    if preset == "hybrid":
+        est = [r["estimate_mib"] for r in rows if r["setting"].startswith("k=")]
+        assert est == sorted(est) and est[0] > 0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
