@@ -356,3 +356,28 @@ def test_engine_tradeoff_smoke(tmp_path, preset):
         est = [r["estimate_mib"] for r in rows if r["setting"].startswith("k=")]
         assert est == sorted(est) and est[0] > 0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_profile_engine_and_contiguous_streams_smoke(tmp_path):
+    """The engine profile (operator table, reversible vs plain) and the contiguous-streams
+    comparison end to end at tiny sizes."""
+    out = tmp_path / "prof"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_engine.py"), "--width", "64",
+           "--depth", "2", "--batch", "2", "--img-size", "64", "--steps", "1", "--quiet",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    ops = {r["op"]: r for r in data["rows"]}
+    assert ops["RevBackPropBackward"]["rev_calls"] == 1 and ops["aten::sub"]["rev_calls"] == 4
+    assert ops["aten::addmm"]["rev_calls"] > ops["aten::addmm"]["plain_calls"]  # recomputation
+    out = tmp_path / "cont"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "contiguous_streams.py"), "--width", "64",
+           "--depth", "2", "--batch", "2", "--img-size", "64", "--rounds", "1", "--quiet",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert set(results) == {"reversible", "plain"}
+    assert all(r["ratio_strided_over_contiguous"] > 0 for r in results.values())

@@ -118,12 +118,20 @@ class ParamGrads:
     def __init__(self, params):
         self.index = {id(p): i for i, p in enumerate(params)}
         self.grads: List[Optional[torch.Tensor]] = [None] * len(params)
+        self._owned = set()  # sums this object allocated, safe to add into in place
 
     def add(self, params, grads):
         for p, g in zip(params, grads):
-            if g is not None:
-                k = self.index[id(p)]
-                self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+            if g is None:
+                continue
+            k = self.index[id(p)]
+            if self.grads[k] is None:
+                self.grads[k] = g  # autograd's tensor: never written into
+            elif k in self._owned:
+                self.grads[k].add_(g)  # (backward micro-chunks add once per chunk)
+            else:
+                self.grads[k] = self.grads[k] + g
+                self._owned.add(k)
 
 
 class Branch:
