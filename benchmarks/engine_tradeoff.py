@@ -136,14 +136,27 @@ def estimates(args, width):
 def run(args, argv):
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
+    # Memory first, while this process is small: Linux keeps a process's peak RSS across
+    # execve, so a child started after this process held models would report this process's
+    # peak instead of its own.
+    if args.preset != "overhead" and "torch" in sys.modules:
+        raise RuntimeError("engine_tradeoff: memory children must start before torch is imported")
+    memory = {}
+    for width in args.widths:
+        for label, mode, overrides in settings_of(args.preset, args.depth, args.chunk):
+            memory[width, label] = (
+                memory_per_sample(args, width, mode, overrides) if args.preset != "overhead"
+                else dict(per_sample_mib=None, peak_mib=[]))
+            if not args.quiet and memory[width, label]["per_sample_mib"] is not None:
+                print(f"width {width} {label:12s} "
+                      f"{memory[width, label]['per_sample_mib']:7.2f} MiB/sample", flush=True)
     rows = []
     for width in args.widths:
         settings = settings_of(args.preset, args.depth, args.chunk)
         ratios, cpu_ratios, times = step_time_ratios(args, width, settings)
         est = estimates(args, width) if args.preset == "hybrid" else {}
         for label, mode, overrides in settings:
-            mem = (memory_per_sample(args, width, mode, overrides) if args.preset != "overhead"
-                   else dict(per_sample_mib=None, peak_mib=[]))
+            mem = memory[width, label]
             rows.append(dict(width=width, setting=label, mode=mode, overrides=overrides,
                              per_sample_mib=mem["per_sample_mib"], peak_mib=mem["peak_mib"],
                              step_time_ratio=ratios[label], cpu_time_ratio=cpu_ratios[label],
@@ -151,8 +164,7 @@ def run(args, argv):
                              step_s=times[label], estimate_mib=est.get(label)))
             if not args.quiet:
                 r = rows[-1]
-                mib = f"{r['per_sample_mib']:7.2f} MiB/sample " if r["per_sample_mib"] else ""
-                print(f"width {width} {label:12s} {mib}time x{r['step_time_ratio']:.3f} "
+                print(f"width {width} {label:12s} time x{r['step_time_ratio']:.3f} "
                       f"(CPU time x{r['cpu_time_ratio']:.3f})", flush=True)
     info = machine_info()
     info["load_average_1min_at_start"] = load_start

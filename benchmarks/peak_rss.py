@@ -25,7 +25,10 @@ def maxrss_kib() -> int:
 def measure_in_child(argv, threads: int, prog: str, tag: str) -> dict:
     """Run ``argv`` in a fresh process with MALLOC_ENV and ``threads`` OpenMP/MKL threads and
     return the JSON object on its last stdout line; on failure exit with one line naming ``tag``
-    and the child's last error line."""
+    and the child's last error line.
+
+    The calling process must be small when it starts children: Linux keeps ``ru_maxrss``
+    across ``execve``, so a child reports at least the peak RSS its parent had reached."""
     env = dict(os.environ)
     env.update(MALLOC_ENV)
     env["OMP_NUM_THREADS"] = str(threads)
