@@ -1,0 +1,523 @@
+#!/usr/bin/env python
+"""Simulated training memory per image: ViT-B/L/H and the ViT-B detectors, no GPU needed.
+
+Every number this script writes is *simulated*: the model is built under PyTorch's
+``FakeTensorMode`` (tensors carry shapes, dtypes and storages but no data, so nothing is
+allocated and no arithmetic runs) and one training step runs under PyTorch's own memory tracker,
+``torch.distributed._tools.mem_tracker.MemTracker``. The tracker is a ``TorchDispatchMode``: it
+sees every tensor every aten op creates, in the forward, in the backward (the reversible
+engine's backward included: it is an autograd Function whose backward recomputes F and G with
+``torch.autograd.grad``, and those ops reach the tracker like any other) and in the optimizer
+step; it drops a tensor when its storage is freed, and keeps the peak of the live total with its
+split into parameters, gradients, optimizer state, activations, temporaries (gradients of
+activations and the like) and "other" (the input batch). No hand count is involved.
+
+One simulated step, at batch size b:
+
+1. warm-up, not tracked: forward, loss, backward, AdamW step, ``zero_grad(set_to_none=False)``,
+   so gradients and the optimizer's two moments exist, as in the middle of training;
+2. forward + loss + backward under one tracker: its peak is the training peak;
+3. the AdamW step under another tracker: its peak (moments + the step's temporaries).
+
+Per image = (peak(b2) - peak(b1)) / (b2 - b1): everything that does not grow with the batch
+cancels. The constant part (parameters + gradients + AdamW state) is reported on its own.
+
+What the simulation does not model: allocator caching and fragmentation (a GPU's
+``max_memory_reserved`` exceeds the tensor peak, and the CUDA allocator rounds each block up to
+512 bytes), cuBLAS/cuDNN workspaces, the CUDA context. The simulation runs on the CPU device,
+where ``scaled_dot_product_attention`` picks the fused (flash) CPU kernel, which like a GPU's
+fused kernels saves the output and the log-sum-exp rather than the attention matrix (a fake
+*CUDA* tensor would take the math path, which keeps the matrix: wrong for a real GPU).
+
+Validation (``--validate``): the same simulation for the configurations of the committed CPU
+peak-RSS measurement ``docs/results/memory_vs_depth.json`` (width 192, 3 heads, depths 4 to 48,
+batches 2 and 6, fp32, no optimizer, as measured), with the ratio per configuration.
+
+Examples::
+
+    python benchmarks/memory_model.py                  # docs/results/memory_model.{json,md}
+    python benchmarks/memory_model.py --smoke --out /tmp/mm      # tiny sizes, seconds
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import revvit_d2  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import detector_memory  # noqa: E402  (its detector configs; detectron2 loads when one is built)
+
+MIB = 2.0 ** 20
+# The kinds of memory the tracker tells apart (its _MemRefType values).
+CONSTANT_KINDS = ("Parameter", "Buffer", "Gradient", "Optstate")
+KINDS = CONSTANT_KINDS + ("Activation", "Temp", "Other")
+
+MODES = {
+    "plain": dict(use_rev_backprop=False),
+    "checkpoint": dict(use_rev_backprop=False, act_checkpoint=True),
+    "reversible": dict(use_rev_backprop=True),
+}
+# ViT sizes: (variant, overrides). ViT-H is ViT-H/16 here (patch 16, 196 tokens), as the other
+# sizes, so that only width and depth change along the table.
+SIZES = {
+    "vit_b": ("rev_vit_b", {}),
+    "vit_l": ("rev_vit_l", {}),
+    "vit_h": ("rev_vit_l", dict(embed_dim=1280, depth=32, num_heads=16)),
+}
+SMOKE_SIZES = {"vit_tiny": ("rev_vit_test", dict(img_size=224, depth=4))}
+PAPER = {  # training memory per image, MB as printed in the paper (Table 1), fp32, 224x224
+    "vit_b": dict(plain=129.7, reversible=17.0),
+    "vit_l": dict(plain=349.3, reversible=22.6),
+}
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# the simulation
+# --------------------------------------------------------------------------------------------
+
+def fake_model(build, fake_mode: FakeTensorMode) -> nn.Module:
+    """``build()`` on the meta device (constructors may call ``.tolist()``, which a fake tensor
+    cannot answer), then every parameter and buffer replaced by an empty fake CPU tensor of the
+    same shape, dtype and ``requires_grad``. Weights do not matter to memory. A constructor that
+    reads a value even from a meta tensor (detectron2's ViT: ``linspace(...)[i].item()``) is
+    built on the CPU instead, real for a moment."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except RuntimeError:
+        model = build()
+    with fake_mode:
+        for m in model.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                       requires_grad=p.requires_grad)
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    return model.train()
+
+
+def _mib(snapshot) -> dict:
+    """A tracker snapshot ({device: {kind: bytes}}) as {kind: MiB, "Total": MiB}, one device."""
+    out = {k: 0.0 for k in KINDS + ("Total",)}
+    for dev_snap in snapshot.values():
+        for k, v in dev_snap.items():
+            out[str(getattr(k, "value", k))] += v / MIB
+    return out
+
+
+def _tracked_peak(run, *external) -> dict:
+    tracker = MemTracker()
+    tracker.track_external(*external)
+    with tracker:
+        run()
+    return _mib(tracker.get_tracker_snapshot("peak"))
+
+
+def simulate_step(build, make_inputs, loss_fn, batch: int, dtype: str = "float32",
+                  optimizer: bool = True, fake: bool = True) -> dict:
+    """Peak memory (MiB by kind) of one simulated training step at ``batch``.
+
+    Args:
+        build: () -> nn.Module, called on the meta device.
+        make_inputs: batch -> tuple of tensors, called under the fake mode.
+        loss_fn: (model, *inputs) -> scalar loss.
+        dtype: "float32", or "bfloat16" for bf16 autocast (weights and optimizer in fp32).
+        optimizer: include AdamW (its state in the constant part, its step tracked on its own).
+        fake: False runs the same step on real CPU tensors (weights from the constructor), still
+            counted by the tracker: what the tests compare the simulation with.
+
+    Returns {"step": peak of forward + backward, "optimizer_step": peak of the AdamW step or
+    None}; each {kind: MiB}. With the optimizer the warm-up step leaves gradients and AdamW
+    state allocated, so "step" holds them; without it only the gradients.
+    """
+    fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    model = fake_model(build, fake_mode) if fake else build().train()
+    autocast = DTYPES[dtype]
+    with fake_mode:
+        inputs = make_inputs(batch)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer else None
+
+        def forward_backward():
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                loss = loss_fn(model, *inputs)
+            loss.backward()
+
+        forward_backward()  # warm-up: gradients (and optimizer state) now exist
+        if opt is not None:
+            opt.step()
+        model.zero_grad(set_to_none=False)
+        step = _tracked_peak(forward_backward, model, opt, *inputs)
+        opt_step = _tracked_peak(opt.step, model, opt) if opt is not None else None
+    return dict(step=step, optimizer_step=opt_step)
+
+
+def per_image(build, make_inputs, loss_fn, batches, dtype="float32", optimizer=True,
+              fake=True) -> dict:
+    """Per-image memory from two simulated batch sizes, the constant part, and the raw peaks."""
+    b1, b2 = batches
+    lo = simulate_step(build, make_inputs, loss_fn, b1, dtype, optimizer, fake)
+    hi = simulate_step(build, make_inputs, loss_fn, b2, dtype, optimizer, fake)
+    slope = {k: (hi["step"][k] - lo["step"][k]) / (b2 - b1) for k in KINDS + ("Total",)}
+    constant = {k: lo["step"][k] for k in CONSTANT_KINDS}
+    out = dict(
+        mib_per_image=slope["Total"],
+        mib_per_image_by_kind={k: slope[k] for k in ("Activation", "Temp", "Other")},
+        constant_mib=sum(constant.values()), constant_by_kind_mib=constant,
+        peaks_mib={str(b1): lo, str(b2): hi},
+    )
+    if optimizer:
+        out["optimizer_step_peak_mib"] = lo["optimizer_step"]["Total"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the models
+# --------------------------------------------------------------------------------------------
+
+def vit_builder(variant: str, overrides: dict, mode: str, num_classes: int = 1000, **extra):
+    kwargs = dict(overrides, num_classes=num_classes, drop_path_rate=0.0, **MODES[mode])
+    kwargs.update(extra)
+    return lambda: revvit_d2.create_model(variant, **kwargs)
+
+
+def classification_inputs(img_size: int, num_classes: int):
+    def make(batch):
+        return (torch.randn(batch, 3, img_size, img_size),
+                torch.randint(0, num_classes, (batch,)))
+    return make
+
+
+def classification_loss(model, x, target):
+    return nn.functional.cross_entropy(model(x), target)
+
+
+class Preprocessed(nn.Module):
+    """A detector's backbone (or trunk) behind the detector's input normalisation, as
+    ``GeneralizedRCNN.preprocess_image`` feeds it: ``(image - pixel_mean) / pixel_std``.
+    detectron2's own ``preprocess_image`` cannot run on fake tensors (``ImageList`` reads the
+    image sizes from tensors); the images here are already square at the padded size."""
+
+    def __init__(self, net: nn.Module, pixel_mean: torch.Tensor, pixel_std: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("pixel_mean", pixel_mean.view(-1, 1, 1).clone(), persistent=False)
+        self.register_buffer("pixel_std", pixel_std.view(-1, 1, 1).clone(), persistent=False)
+
+    def forward(self, images):
+        return self.net((images - self.pixel_mean) / self.pixel_std)
+
+
+def detector_builder(variant: str, img_size: int, part: str):
+    """The COCO config's backbone (``part="backbone"``: trunk + simple feature pyramid) or its
+    ViT trunk alone (``part="trunk"``), built as benchmarks/detector_memory.py builds it
+    (``variant`` is one of its VARIANTS)."""
+    def build():
+        model = detector_memory.build_model(variant, img_size)
+        net = model.backbone if part == "backbone" else model.backbone.net
+        return Preprocessed(net, model.pixel_mean, model.pixel_std)
+    return build
+
+
+def image_inputs(img_size: int):
+    return lambda batch: (torch.rand(batch, 3, img_size, img_size) * 255.0,)
+
+
+def feature_loss(model, x):
+    return sum(f.float().mean() for f in model(x).values())
+
+
+def hybrid_available() -> bool:
+    return "stored_blocks" in revvit_d2.modeling.EngineOptions.names()
+
+
+# --------------------------------------------------------------------------------------------
+# the tables
+# --------------------------------------------------------------------------------------------
+
+def vit_rows(sizes, dtypes, img_size, batches, hybrid: bool, log) -> list:
+    rows = []
+    for size, (variant, overrides) in sizes.items():
+        depth = dict(revvit_d2.modeling.get_model_kwargs(variant), **overrides)["depth"]
+        overrides = dict(overrides)
+        if img_size != revvit_d2.get_pretrained_cfg(variant)["input_size"][-1]:
+            overrides["img_size"] = img_size
+        sides = [(mode, {}) for mode in MODES]
+        if hybrid:
+            sides += [(f"hybrid_k{k}", dict(stored_blocks=k)) for k in (depth // 4, depth // 2)]
+        for dtype in dtypes:
+            for side, extra in sides:
+                mode = "reversible" if side.startswith("hybrid") else side
+                t0 = time.perf_counter()
+                res = per_image(vit_builder(variant, overrides, mode, **extra),
+                                classification_inputs(img_size, 1000), classification_loss,
+                                batches, dtype)
+                row = dict(model=size, depth=depth, side=side, dtype=dtype,
+                           stored_blocks=extra.get("stored_blocks"), **res)
+                row["paper_mb_per_image"] = PAPER.get(size, {}).get(side) \
+                    if dtype == "float32" else None
+                rows.append(row)
+                log(f"{size} {dtype} {side}: {res['mib_per_image']:.2f} MiB/image "
+                    f"(constant {res['constant_mib']:.0f} MiB) [{time.perf_counter() - t0:.0f} s]")
+    return rows
+
+
+def detector_rows(img_size, dtypes, batches, log) -> list:
+    """The detector configs of benchmarks/detector_memory.py (its VARIANTS: Rev-ViT-B, the same
+    with plain autograd, detectron2's ViT-B), trunk alone and trunk + feature pyramid."""
+    rows = []
+    for dtype in dtypes:
+        for part in ("trunk", "backbone"):
+            for variant in detector_memory.VARIANTS:
+                t0 = time.perf_counter()
+                res = per_image(detector_builder(variant, img_size, part), image_inputs(img_size),
+                                feature_loss, batches, dtype)
+                rows.append(dict(variant=variant, part=part, dtype=dtype, img_size=img_size,
+                                 **res))
+                log(f"detector {variant} {part} {dtype} {img_size}: "
+                    f"{res['mib_per_image']:.1f} MiB/image [{time.perf_counter() - t0:.0f} s]")
+    return rows
+def validation_rows(log, depths=None) -> list:
+    """The simulation of every configuration of the committed CPU peak-RSS measurements
+    (docs/results/memory_vs_depth.json; the trunk part of docs/results/detector_memory.json),
+    without an optimizer as they were measured, with the ratio simulated / measured."""
+    rows = []
+    ref = json.loads((ROOT / "docs/results/memory_vs_depth.json").read_text())
+    st = ref["settings"]
+    for mode in st["modes"]:
+        for depth in depths or st["depths"]:
+            overrides = dict(embed_dim=st["width"], num_heads=st["heads"], depth=depth)
+            res = per_image(vit_builder(st["model"], overrides, mode, num_classes=10),
+                            classification_inputs(st["img_size"], 10), classification_loss,
+                            st["batch_sizes"], "float32", optimizer=False)
+            measured = ref["per_sample_mib"][mode][str(depth)]
+            rows.append(dict(source="memory_vs_depth.json", model=st["model"], width=st["width"],
+                             depth=depth, side=mode, dtype="float32", img_size=st["img_size"],
+                             batches=st["batch_sizes"], simulated_mib=res["mib_per_image"],
+                             measured_mib=measured, ratio=res["mib_per_image"] / measured))
+            log(f"validate {mode} depth {depth}: simulated {res['mib_per_image']:.2f}, "
+                f"measured {measured:.2f} MiB/image")
+    ref = json.loads((ROOT / "docs/results/detector_memory.json").read_text())
+    st = ref["settings"]
+    if depths is None:
+        for variant in st["variants"]:
+            res = per_image(detector_builder(variant, st["img_size"], "trunk"),
+                            image_inputs(st["img_size"]), feature_loss, st["batch_sizes"],
+                            "float32", optimizer=False)
+            measured = ref["mib_per_image"]["float32"]["backbone"][variant]
+            rows.append(dict(source="detector_memory.json", model=f"{variant} trunk",
+                             side=variant, dtype="float32", img_size=st["img_size"],
+                             batches=st["batch_sizes"], simulated_mib=res["mib_per_image"],
+                             measured_mib=measured, ratio=res["mib_per_image"] / measured))
+            log(f"validate detector trunk {variant}: simulated {res['mib_per_image']:.1f}, "
+                f"measured {measured:.1f} MiB/image")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# reports
+# --------------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                note="simulated (FakeTensorMode + MemTracker): machine-independent")
+
+
+def _f(v, digits=1):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def write_markdown(path: Path, result: dict):
+    st = result["settings"]
+    b1, b2 = st["batches"]
+    lines = [
+        "# Training memory per image, *simulated* (FakeTensorMode + MemTracker)",
+        "",
+        "Every number on this page is **simulated**, not measured: each model is built under "
+        "PyTorch's `FakeTensorMode` (no data, nothing allocated) and one training step runs "
+        "under `torch.distributed._tools.mem_tracker.MemTracker`, which counts every tensor "
+        "every op creates and frees (forward, the reversible engine's backward, the AdamW "
+        "step) and keeps the peak. The numbers depend on the shapes and the code path only, "
+        "not on the machine. Method and limits: `benchmarks/memory_model.py` (docstring) and "
+        "[performance.md](../performance.md#memory-model-simulated).",
+        "",
+        f"Per image = (peak at batch {b2} - peak at batch {b1}) / {b2 - b1}, peak of forward + "
+        "loss + backward in the step after a warm-up (gradients and AdamW state already "
+        "allocated; `zero_grad(set_to_none=False)`). *Constant* = parameters + gradients + "
+        "AdamW state (fp32 weights and optimizer in both dtypes; bf16 = `torch.autocast`). "
+        "*AdamW step* = peak during `optimizer.step()` at the smaller batch (the constant part "
+        "plus the step's temporaries). MiB = 2^20 bytes.",
+        "",
+        f"## ViT-B/L/H, {st['img_size']}x{st['img_size']}, 1000 classes, drop path 0",
+        "",
+        "| model | dtype | side | MiB/image (simulated) | activations + temporaries + input "
+        "| constant MiB | AdamW step peak MiB | paper MB/image (measured, fp32) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["vit"]:
+        kinds = r["mib_per_image_by_kind"]
+        lines.append(
+            f"| {r['model']} ({r['depth']} blocks) | {r['dtype']} | {r['side']} "
+            f"| **{r['mib_per_image']:.1f}** | {kinds['Activation']:.1f} + {kinds['Temp']:.1f} + "
+            f"{kinds['Other']:.2f} | {r['constant_mib']:.0f} | "
+            f"{r['optimizer_step_peak_mib']:.0f} | {_f(r['paper_mb_per_image'])} |")
+    lines += ["", "Ratios, simulated (plain / other side, same model and dtype):", ""]
+    by = {(r["model"], r["dtype"], r["side"]): r["mib_per_image"] for r in result["vit"]}
+    for (model, dtype, side), v in by.items():
+        if side == "plain":
+            continue
+        plain = by.get((model, dtype, "plain"))
+        if plain:
+            paper = PAPER.get(model, {})
+            note = (f" (paper {paper['plain'] / paper['reversible']:.1f}x)"
+                    if side == "reversible" and dtype == "float32" and paper else "")
+            lines.append(f"- {model} {dtype} plain / {side}: {plain / v:.1f}x{note}")
+    goal = by.get(("vit_b", "float32", "reversible"))
+    if goal is not None:
+        lines += ["", f"Goal: simulated reversible ViT-B, fp32, <= 12 MiB per image: "
+                  f"**{goal:.2f} MiB** ({'met' if goal <= 12 else 'not met'})."]
+    if not st["hybrid"]:
+        lines += ["", "Hybrid rows (`stored_blocks=k`) absent: the option was not in this "
+                  "checkout's engine when the run was made."]
+    lines += [
+        "",
+        "The activation and temporary columns split the per-image figure as the tracker "
+        "labels the tensors alive at the peak: tensors made in the forward, or recomputed "
+        "inside a module's forward during the backward, count as activations; everything else "
+        "made during the backward (gradients of activations, the engine's rebuilt inputs) as "
+        "temporaries. Only their sum is exact: at the backward peak the split depends on where "
+        "the tracker thinks a recomputation starts.",
+        "",
+        "The paper's figures are GPU measurements of the official code (explicit "
+        "`softmax(q k^T)` attention, which keeps the tokens x tokens map of every head for "
+        "the backward); our models call `scaled_dot_product_attention`, whose fused kernels "
+        "keep the output and the log-sum-exp only: most of the difference on the plain side.",
+        "",
+        f"## Mask R-CNN backbones at {st['detector_img_size']}x{st['detector_img_size']}",
+        "",
+        "The configs of `benchmarks/detector_memory.py` (`revvit_b`: Rev-ViT-B, reversible; "
+        "`revvit_b_autograd`: the same, plain autograd; `vit_b`: detectron2's ViT-B, ViTDet), "
+        "behind the detector's input normalisation, loss = sum of the mean of every output "
+        "map. *trunk* = the ViT alone; *backbone* = ViT + simple feature pyramid. The RPN and "
+        "ROI heads are not simulated: detectron2 reads sizes and selects boxes from tensor "
+        "values (`ImageList.from_tensors`, anchor matching, NMS), which a fake tensor cannot "
+        "answer. The CPU measurement at 512x512 (detector_memory.md) puts the heads at "
+        "800-900 MiB per image there.",
+        "",
+        "| dtype | part | " + " | ".join(f"`{v}` MiB/image" for v in st["detector_variants"])
+        + " | constant MiB (`revvit_b`, `vit_b`) |",
+        "|---|---|" + "---:|" * (len(st["detector_variants"]) + 1),
+    ]
+    det = {(r["dtype"], r["part"], r["variant"]): r for r in result["detector"]}
+    for dtype in st["dtypes"]:
+        for part in ("trunk", "backbone"):
+            cells = [f"**{det[(dtype, part, v)]['mib_per_image']:.0f}**"
+                     for v in st["detector_variants"] if (dtype, part, v) in det]
+            if not cells:
+                continue
+            const = ", ".join(f"{det[(dtype, part, v)]['constant_mib']:.0f}"
+                              for v in ("revvit_b", "vit_b") if (dtype, part, v) in det)
+            lines.append(f"| {dtype} | {part} | " + " | ".join(cells) + f" | {const} |")
+    lines += [
+        "",
+        "## Validation against CPU peak-RSS measurements",
+        "",
+        "The same simulation (no optimizer, as measured) for every configuration of the "
+        "committed CPU measurements; measured = (peak RSS at b2 - peak RSS at b1) / (b2 - b1) "
+        "from fresh processes (`benchmarks/memory_vs_depth.py`, `benchmarks/detector_memory.py`"
+        ", fp32). Acceptance: every ratio within 10% of 1.",
+        "",
+        "| source | model | side | depth | batches | simulated MiB/image | measured MiB/image "
+        "| simulated / measured |",
+        "|---|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in result["validation"]:
+        lines.append(
+            f"| {r['source']} | {r['model']} | {r['side']} | {r.get('depth', '-')} "
+            f"| {r['batches'][0]}, {r['batches'][1]} | {r['simulated_mib']:.2f} "
+            f"| {r['measured_mib']:.2f} | {r['ratio']:.3f} |")
+    if result["validation"]:
+        worst = max(abs(r["ratio"] - 1) for r in result["validation"])
+        lines += ["", f"Largest deviation: {worst * 100:.1f}% "
+                  f"({'within' if worst <= 0.10 else 'outside'} 10%)."]
+    m = result["machine"]
+    lines += ["", f"Simulated with torch {m['torch']}, Python {m['python']}, {m['date']}, by "
+              f"`{result['command']}` in {result['settings']['wall_seconds']:.0f} s. "
+              f"Raw numbers (peaks by kind at both batch sizes): `{path.stem}.json`.", ""]
+    path.write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "docs/results/memory_model"),
+                   help="writes OUT.json and OUT.md")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batches", type=int, nargs=2, default=[2, 6])
+    p.add_argument("--detector-img-size", type=int, default=1024)
+    p.add_argument("--detector-batches", type=int, nargs=2, default=[1, 2])
+    p.add_argument("--no-detectors", action="store_true")
+    p.add_argument("--no-validate", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes (a 4-block width-64 ViT, 64x64 detector backbones, the "
+                        "shallowest validation depths), seconds; writes to --out")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    sizes = SMOKE_SIZES if args.smoke else {k: SIZES[k] for k in args.sizes}
+    hybrid = hybrid_available()
+    det_size = 64 if args.smoke else args.detector_img_size
+    result = dict(
+        settings=dict(sizes={k: dict(variant=v, overrides=o) for k, (v, o) in sizes.items()},
+                      dtypes=args.dtypes, img_size=args.img_size, batches=args.batches,
+                      detector_img_size=det_size, detector_batches=args.detector_batches,
+                      detector_variants=list(detector_memory.VARIANTS), hybrid=hybrid,
+                      optimizer="AdamW", smoke=args.smoke, simulated=True,
+                      device="cpu (fake tensors)"),
+        machine=machine_info(),
+        command=" ".join(["python", "benchmarks/memory_model.py"] + list(argv)),
+    )
+    result["vit"] = vit_rows(sizes, args.dtypes, args.img_size, args.batches, hybrid, log)
+    result["detector"] = [] if args.no_detectors else detector_rows(
+        det_size, args.dtypes, args.detector_batches, log)
+    result["validation"] = [] if args.no_validate else validation_rows(
+        log, depths=[4] if args.smoke else None)
+    result["settings"]["wall_seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_markdown(out.with_suffix(".md"), result)
+    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
