@@ -79,11 +79,15 @@ SIZES = {
     "vit_h": ("rev_vit_l", dict(embed_dim=1280, depth=32, num_heads=16)),
 }
 SMOKE_SIZES = {"vit_tiny": ("rev_vit_test", dict(img_size=224, depth=4))}
+SMOKE_DETECTOR = dict(parts=("trunk",), overrides=(
+    "model.backbone.net.depth=2", "model.backbone.net.embed_dim=64",
+    "model.backbone.net.num_heads=2"))
 PAPER = {  # training memory per image, MB as printed in the paper (Table 1), fp32, 224x224
     "vit_b": dict(plain=129.7, reversible=17.0),
     "vit_l": dict(plain=349.3, reversible=22.6),
 }
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+DTYPES_ORDER = {d: i for i, d in enumerate(DTYPES)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,12 +228,12 @@ class Preprocessed(nn.Module):
         return self.net((images - self.pixel_mean) / self.pixel_std)
 
 
-def detector_builder(variant: str, img_size: int, part: str):
+def detector_builder(variant: str, img_size: int, part: str, overrides=()):
     """The COCO config's backbone (``part="backbone"``: trunk + simple feature pyramid) or its
     ViT trunk alone (``part="trunk"``), built as benchmarks/detector_memory.py builds it
-    (``variant`` is one of its VARIANTS)."""
+    (``variant`` is one of its VARIANTS; ``overrides``: LazyConfig ``key=value`` strings)."""
     def build():
-        model = detector_memory.build_model(variant, img_size)
+        model = detector_memory.build_model(variant, img_size, overrides)
         net = model.backbone if part == "backbone" else model.backbone.net
         return Preprocessed(net, model.pixel_mean, model.pixel_std)
     return build
@@ -251,42 +255,70 @@ def hybrid_available() -> bool:
 # the tables
 # --------------------------------------------------------------------------------------------
 
-def vit_rows(sizes, dtypes, img_size, batches, hybrid: bool, log) -> list:
+SIDES = ("plain", "checkpoint", "reversible", "hybrid", "timm", "timm_checkpoint")
+
+
+def timm_builder(dim: int, depth: int, heads: int, img_size: int, checkpoint: bool):
+    """timm's ViT as benchmarks/memory_speed.py builds its plain baseline (fused attention,
+    average pooling), with ``set_grad_checkpointing`` for the checkpointed one."""
+    def build():
+        import timm
+
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=dim,
+                                  depth=depth, num_heads=heads, img_size=img_size,
+                                  num_classes=1000, class_token=False, global_pool="avg")
+        model.set_grad_checkpointing(checkpoint)
+        return model
+    return build
+
+
+def _side_builders(side, variant, overrides, kwargs, img_size):
+    """[(row name, stored_blocks or None, build)] for one side of one ViT size."""
+    if side in MODES:
+        return [(side, None, vit_builder(variant, overrides, side))]
+    if side == "hybrid":
+        depth = kwargs["depth"]
+        return [(f"hybrid_k{k}", k, vit_builder(variant, overrides, "reversible",
+                                                stored_blocks=k))
+                for k in (depth // 4, depth // 2)]
+    return [(side, None, timm_builder(kwargs["embed_dim"], kwargs["depth"],
+                                      kwargs["num_heads"], img_size,
+                                      checkpoint=side == "timm_checkpoint"))]
+
+
+def vit_rows(sizes, sides, dtypes, img_size, batches, log) -> list:
     rows = []
     for size, (variant, overrides) in sizes.items():
-        depth = dict(revvit_d2.modeling.get_model_kwargs(variant), **overrides)["depth"]
+        kwargs = dict(revvit_d2.modeling.get_model_kwargs(variant), **overrides)
         overrides = dict(overrides)
         if img_size != revvit_d2.get_pretrained_cfg(variant)["input_size"][-1]:
             overrides["img_size"] = img_size
-        sides = [(mode, {}) for mode in MODES]
-        if hybrid:
-            sides += [(f"hybrid_k{k}", dict(stored_blocks=k)) for k in (depth // 4, depth // 2)]
         for dtype in dtypes:
-            for side, extra in sides:
-                mode = "reversible" if side.startswith("hybrid") else side
-                t0 = time.perf_counter()
-                res = per_image(vit_builder(variant, overrides, mode, **extra),
-                                classification_inputs(img_size, 1000), classification_loss,
-                                batches, dtype)
-                row = dict(model=size, depth=depth, side=side, dtype=dtype,
-                           stored_blocks=extra.get("stored_blocks"), **res)
-                row["paper_mb_per_image"] = PAPER.get(size, {}).get(side) \
-                    if dtype == "float32" else None
-                rows.append(row)
-                log(f"{size} {dtype} {side}: {res['mib_per_image']:.2f} MiB/image "
-                    f"(constant {res['constant_mib']:.0f} MiB) [{time.perf_counter() - t0:.0f} s]")
+            for side in sides:
+                for name, k, build in _side_builders(side, variant, overrides, kwargs, img_size):
+                    t0 = time.perf_counter()
+                    res = per_image(build, classification_inputs(img_size, 1000),
+                                    classification_loss, batches, dtype)
+                    paper = PAPER.get(size, {}).get(side) if dtype == "float32" else None
+                    rows.append(dict(model=size, depth=kwargs["depth"], side=name, dtype=dtype,
+                                     stored_blocks=k, paper_mb_per_image=paper, **res))
+                    log(f"{size} {dtype} {name}: {res['mib_per_image']:.2f} MiB/image "
+                        f"(constant {res['constant_mib']:.0f} MiB) "
+                        f"[{time.perf_counter() - t0:.0f} s]")
     return rows
 
 
-def detector_rows(img_size, dtypes, batches, log) -> list:
+def detector_rows(img_size, dtypes, batches, log, parts=("trunk", "backbone"),
+                  overrides=()) -> list:
     """The detector configs of benchmarks/detector_memory.py (its VARIANTS: Rev-ViT-B, the same
     with plain autograd, detectron2's ViT-B), trunk alone and trunk + feature pyramid."""
     rows = []
     for dtype in dtypes:
-        for part in ("trunk", "backbone"):
+        for part in parts:
             for variant in detector_memory.VARIANTS:
                 t0 = time.perf_counter()
-                res = per_image(detector_builder(variant, img_size, part), image_inputs(img_size),
+                res = per_image(detector_builder(variant, img_size, part, overrides),
+                                image_inputs(img_size),
                                 feature_loss, batches, dtype)
                 rows.append(dict(variant=variant, part=part, dtype=dtype, img_size=img_size,
                                  **res))
@@ -366,6 +398,14 @@ def write_markdown(path: Path, result: dict):
         "plus the step's temporaries). MiB = 2^20 bytes.",
         "",
         f"## ViT-B/L/H, {st['img_size']}x{st['img_size']}, 1000 classes, drop path 0",
+        "",
+        "Sides: *plain* = Rev-ViT with `use_rev_backprop=False` (same blocks, ordinary "
+        "autograd); *checkpoint* = the same with `act_checkpoint=True` (one "
+        "`torch.utils.checkpoint` per block); *reversible* = the reversible backward; "
+        "*hybrid_kN* = reversible with `stored_blocks=N` (the last N blocks keep their "
+        "activations); *timm* / *timm_checkpoint* = timm's ViT as benchmarks/memory_speed.py "
+        "builds its baseline (no class token, average pooling; one stream of width C where "
+        "Rev-ViT carries two of width C), without and with `set_grad_checkpointing`.",
         "",
         "| model | dtype | side | MiB/image (simulated) | activations + temporaries + input "
         "| constant MiB | AdamW step peak MiB | paper MB/image (measured, fp32) |",
@@ -474,6 +514,11 @@ def parse_args(argv):
     p.add_argument("--out", default=str(ROOT / "docs/results/memory_model"),
                    help="writes OUT.json and OUT.md")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES),
+                   help="hybrid: stored_blocks = depth/4 and depth/2 (skipped when the engine "
+                        "has no such option)")
+    p.add_argument("--merge", metavar="JSON",
+                   help="keep the rows of this earlier result that this run does not recompute")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batches", type=int, nargs=2, default=[2, 6])
@@ -482,9 +527,30 @@ def parse_args(argv):
     p.add_argument("--no-detectors", action="store_true")
     p.add_argument("--no-validate", action="store_true")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes (a 4-block width-64 ViT, 64x64 detector backbones, the "
-                        "shallowest validation depths), seconds; writes to --out")
+                   help="tiny sizes (a 4-block width-64 ViT, 2-block width-64 detector trunks "
+                        "at 64x64, the shallowest validation depth), under a minute; writes to "
+                        "--out")
     return p.parse_args(argv)
+
+
+def merge(old: dict, new: dict, args) -> dict:
+    """``new`` plus the rows of ``old`` it did not recompute (same model, side and dtype for
+    the ViT rows; whole sections skipped by --no-detectors / --no-validate)."""
+    done = {(r["model"], r["side"], r["dtype"]) for r in new["vit"]}
+    keep = [r for r in old["vit"] if (r["model"], r["side"], r["dtype"]) not in done]
+    order = {m: i for i, m in enumerate(SIZES)}
+    new["vit"] = sorted(keep + new["vit"], key=lambda r: (
+        order.get(r["model"], -1), DTYPES_ORDER[r["dtype"]],
+        SIDES.index(r["side"].split("_k")[0]), r["stored_blocks"] or 0))
+    for section, skipped in (("detector", args.no_detectors), ("validation", args.no_validate)):
+        if skipped:
+            new[section] = old[section]
+    st = new["settings"]
+    st["sides"] = sorted(set(st["sides"]) | set(old["settings"].get("sides", MODES)), key=SIDES.index)
+    st["hybrid"] = st["hybrid"] or old["settings"]["hybrid"]
+    st["wall_seconds"] += old["settings"]["wall_seconds"]
+    new["command"] = f"{old['command']}; then {new['command']}"
+    return new
 
 
 def main(argv=None) -> int:
@@ -494,23 +560,28 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     sizes = SMOKE_SIZES if args.smoke else {k: SIZES[k] for k in args.sizes}
     hybrid = hybrid_available()
+    sides = [s for s in args.sides if s != "hybrid" or hybrid]
     det_size = 64 if args.smoke else args.detector_img_size
     result = dict(
         settings=dict(sizes={k: dict(variant=v, overrides=o) for k, (v, o) in sizes.items()},
-                      dtypes=args.dtypes, img_size=args.img_size, batches=args.batches,
-                      detector_img_size=det_size, detector_batches=args.detector_batches,
+                      sides=sides, dtypes=args.dtypes, img_size=args.img_size,
+                      batches=args.batches, detector_img_size=det_size,
+                      detector_batches=args.detector_batches,
                       detector_variants=list(detector_memory.VARIANTS), hybrid=hybrid,
                       optimizer="AdamW", smoke=args.smoke, simulated=True,
                       device="cpu (fake tensors)"),
         machine=machine_info(),
         command=" ".join(["python", "benchmarks/memory_model.py"] + list(argv)),
     )
-    result["vit"] = vit_rows(sizes, args.dtypes, args.img_size, args.batches, hybrid, log)
+    result["vit"] = vit_rows(sizes, sides, args.dtypes, args.img_size, args.batches, log)
     result["detector"] = [] if args.no_detectors else detector_rows(
-        det_size, args.dtypes, args.detector_batches, log)
+        det_size, args.dtypes, args.detector_batches, log,
+        **(SMOKE_DETECTOR if args.smoke else {}))
     result["validation"] = [] if args.no_validate else validation_rows(
         log, depths=[4] if args.smoke else None)
     result["settings"]["wall_seconds"] = time.perf_counter() - t0
+    if args.merge:
+        result = merge(json.loads(Path(args.merge).read_text()), result, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
