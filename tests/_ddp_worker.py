@@ -1,6 +1,7 @@
 """Worker for tests/test_ddp.py: one training step of the reversible backbone and of the Rev-ViT
-detector under DistributedDataParallel (gloo, CPU), started through detectron2's launch.
-Rank 0 saves the gradients. Importable by spawned processes (tests/ is on sys.path)."""
+detector under DistributedDataParallel (gloo, CPU), started through detectron2's launch
+(``launch_on("cpu", ...)``: the processes see no GPU). Rank 0 saves the gradients. Importable
+by spawned processes (tests/ is on sys.path)."""
 import torch
 import torch.nn.functional as F
 from detectron2.utils import comm
@@ -64,6 +65,7 @@ def detector_grads(model, batch):
 
 
 def ddp_main(out_path):
+    assert torch.distributed.get_backend() == "gloo" and not torch.cuda.is_available()
     rank, world = comm.get_rank(), comm.get_world_size()
     per = GLOBAL_BATCH // world
     images, labels = classifier_batch()

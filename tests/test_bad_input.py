@@ -75,8 +75,9 @@ def _train_net(d, out):
         "missing_path": ([f"train.init_checkpoint={d['root'] / 'no_such.pth'}"],
                          "train.init_checkpoint not found"),
         "missing_config": (["--config-file", "nope.py"], "config file not found: nope.py"),
-        # Two processes (gloo on the CPU): still one line, from the main process only.
-        "missing_path_2proc": (["--num-gpus", "2",
+        # Two CPU processes (gloo, also on a machine with GPUs): still one line, from the main
+        # process only.
+        "missing_path_2proc": (["--num-gpus", "2", "train.device=cpu",
                                 f"train.init_checkpoint={d['root'] / 'no_such.pth'}"],
                                "train.init_checkpoint not found"),
         "missing_dataset": (["dataloader.train.dataset.names=no_such_set"],

@@ -1,7 +1,11 @@
 """The benchmark scripts end to end on tiny settings: each runs, writes its outputs and orders
 what it measures as expected where that is robust at tiny size (the inversion error by
 precision). The full-size figures are the runs recorded in docs/results/, not checked here
-(benchmarks/detector_memory.py: tests/test_detector_memory.py)."""
+(benchmarks/detector_memory.py: tests/test_detector_memory.py). memory_speed.py's handling of
+out-of-memory errors and its row-by-row writing are tested in process with a fake step."""
+import argparse
+import collections
+import importlib.util
 import json
 import math
 import re
@@ -10,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "memory_vs_depth.py"
@@ -137,3 +142,189 @@ def test_reanchor_memory_smoke(tmp_path):
     assert [(r["depth"], r["anchor_every"]) for r in rows] == [(4, 0), (4, 2)]
     assert rows[0]["extra_mib"] == 0 and rows[1]["predicted_extra_mib"] > 0
     assert all(math.isfinite(r["mib_per_sample"]) for r in rows)
+
+
+# --- memory_speed.py's out-of-memory handling and incremental writing, in process on the CPU:
+# a fake training step raises the errors a GPU raises, at the batch sizes the test chooses.
+
+def _load_memory_speed():
+    spec = importlib.util.spec_from_file_location(
+        "memory_speed", ROOT / "benchmarks" / "memory_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ms():
+    return _load_memory_speed()
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("err, oom", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+     True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"), True),
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously "
+                  "reported"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"), False),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm`"),
+     False),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (ValueError("out of memory"), False),  # not an error torch or a CUDA library raises
+    (MemoryError(), False),  # the host, not the device
+])
+def test_memory_speed_oom_classification(ms, err, oom):
+    assert ms.is_oom(err) is oom
+
+
+def test_memory_speed_attempt_reraises_other_errors(ms):
+    model = torch.nn.Linear(2, 2)
+
+    def fail():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        ms.attempt(fail, [model], CPU)
+    assert ms.attempt(lambda: 7, [model], CPU) == (True, 7)
+
+
+def test_memory_speed_release_drops_gradients_and_cache(ms, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    model(torch.randn(3, 2)).sum().backward()
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    ms.release([model], torch.device("cuda"))
+    assert all(p.grad is None for p in model.parameters()) and emptied == [1]
+
+
+class _FakeStep:
+    """A training step that runs out of memory above `limit` images, and above `fragmented`
+    images from the third step at the same batch on (a largest batch that passed the search's
+    two steps fails in the timing run). Each call first checks that no earlier failed attempt
+    left gradients behind, then leaves some, as a backward that failed midway does."""
+
+    def __init__(self, limit, fragmented=None):
+        self.limit, self.fragmented = limit, fragmented
+        self.steps = collections.Counter()
+
+    def __call__(self, model, x, y, dtype, device):
+        b = x.shape[0]
+        assert all(p.grad is None for p in model.parameters()), "gradients left by a failure"
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        self.steps[b] += 1
+        if b > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (batch {b})")
+        if self.fragmented is not None and b > self.fragmented and self.steps[b] > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                               "`cublasCreate(handle)`")
+        model.zero_grad(set_to_none=True)
+
+
+def _args(**kw):
+    base = dict(img_size=4, batch=8, repeats=2, memory_batches=[2, 4], largest_batch=True)
+    return argparse.Namespace(**dict(base, **kw))
+
+
+def test_memory_speed_largest_batch_timing_falls_back(ms, monkeypatch):
+    """The search finds 20; timing at 20 then fails (CUBLAS_STATUS_ALLOC_FAILED) and is
+    repeated at 17 (7/8 of 20), which is recorded; the memory batch 24 does not fit: null."""
+    fake = _FakeStep(limit=20, fragmented=18)
+    monkeypatch.setattr(ms, "step", fake)
+    model, row = torch.nn.Linear(3, 2), {}
+    ms.measure_side(row, "rev", model, _args(memory_batches=[8, 24]), torch.float32, CPU)
+    assert row["mib_per_image"] == {"rev": None}
+    assert row["largest_batch"] == {"rev": 20}
+    assert row["batch_at_largest"] == {"rev": 17}
+    assert row["images_per_s_at_largest"]["rev"] > 0
+    assert fake.steps[17] == 4  # warm-up and 3 timed steps
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_memory_speed_speed_batch_falls_back(ms, monkeypatch):
+    """The interleaved timing at the requested batch 8 runs out of memory; it is repeated at
+    7, 6, ... until 3 fits, and the row records both batches."""
+    monkeypatch.setattr(ms, "step", _FakeStep(limit=3))
+    models = {"plain": torch.nn.Linear(3, 2), "rev": torch.nn.Linear(3, 2)}
+    row = ms.measure("vit_s", models, _args(), torch.float32, CPU)
+    assert (row["batch"], row["batch_requested"]) == (3, 8)
+    assert set(row["images_per_s"]) == {"plain", "rev"} and len(row["step_s"]["rev"]) == 2
+    monkeypatch.setattr(ms, "step", _FakeStep(limit=0))
+    failed = ms.measure("vit_b", models, _args(), torch.float32, CPU)
+    assert failed["error"] == "out of memory at every batch tried"
+
+
+def test_memory_speed_fallback_gives_up(ms):
+    tried = []
+
+    def timer(batch):
+        tried.append(batch)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert ms.with_fallback(timer, 8, [], CPU) == (0, None)
+    assert tried == [8, 7, 6, 5, 4, 3, 2, 1]
+
+
+def test_memory_speed_writes_each_row_when_measured(ms, monkeypatch, tmp_path):
+    """After each row OUT.json and OUT.md hold every row measured so far: a run killed while
+    measuring the second row keeps the first (and the plot redraws from that JSON)."""
+
+    class Killed(Exception):
+        pass
+
+    out = tmp_path / "ms"
+    measured = []
+
+    def fake_measure(label, models, args, dtype, device):
+        if measured:  # the second row: the first must already be on disk
+            data = json.loads(out.with_suffix(".json").read_text())
+            assert [r["model"] for r in data["rows"]] == ["vit_s"]
+            assert "| vit_s | float32 | rev |" in out.with_suffix(".md").read_text()
+            raise Killed
+        assert all(next(m.parameters()).device.type == "cpu" for m in models.values())
+        measured.append(label)
+        return {"model": label, "dtype": "float32", "batch": 2,
+                "images_per_s": {k: 1.0 for k in models},
+                "median_round_ratio": {k: 1.0 for k in models},
+                "step_s": {k: [2.0] for k in models}}
+
+    monkeypatch.setattr(ms, "build", lambda kind, *a, **kw: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(ms, "measure", fake_measure)
+    with pytest.raises(Killed):
+        ms.main(["--device", "cpu", "--sizes", "s", "b", "--dtypes", "float32",
+                 "--sides", "plain", "rev", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["model"] for r in data["rows"]] == ["vit_s"]
+    assert data["settings"]["sizes"] == ["s", "b"] and "machine" in data
+    ms.plot(data, str(tmp_path / "partial.png"))
+    assert (tmp_path / "partial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".tmp_*"))  # the atomic writes left no temporary file
+
+
+def test_memory_speed_reads_saved_results(ms, tmp_path):
+    """The committed CPU run (saved before the out-of-memory fields existed) still plots and
+    renders; so do rows with null memory, a fallback batch and a row that never fitted."""
+    data = json.loads((ROOT / "docs" / "results" / "memory_speed_cpu.json").read_text())
+    ms.plot(data, str(tmp_path / "old.png"))
+    assert (tmp_path / "old.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sides = {"plain": 10.0, "rev": 8.0}
+    rows = [dict(model="vit_s", dtype="float32", batch=6, batch_requested=8,
+                 images_per_s=sides, median_round_ratio={"plain": 1.0, "rev": 1.25},
+                 step_s={"plain": [0.6], "rev": [0.75]},
+                 mib_per_image={"plain": None, "rev": 20.0},
+                 largest_batch={"plain": 0, "rev": 40},
+                 images_per_s_at_largest={"rev": 9.0}, batch_at_largest={"rev": 35}),
+            dict(model="vit_l", dtype="float32", batch=0, error="out of memory at every batch "
+                                                                  "tried")]
+    args = argparse.Namespace(out=str(tmp_path / "new"))
+    ms.write(rows, data["machine"], args)
+    md = (tmp_path / "new.md").read_text()
+    assert "| vit_s | float32 | plain | 10.0 @ 6 (asked 8: out of memory) |" in md
+    assert "| out of memory |" in md and "| 40 (timed at 35) |" in md
+    assert "| vit_l | float32 | | out of memory at every batch tried |" in md
+    ms.plot(json.loads((tmp_path / "new.json").read_text()), str(tmp_path / "new.png"))

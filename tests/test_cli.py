@@ -1,7 +1,8 @@
 """revvit_d2.training.cli: the error report every tool shares, through detectron2's launch with one and
-with two processes (gloo on a CPU): an expected error is one ``error:`` line printed once and
-exit status 1; a process killed by a signal is one line too; an unexpected exception keeps its
-traceback."""
+with two processes (CPU processes with gloo, also on a machine with GPUs: the worker launches
+for the CPU device): an expected error is one ``error:`` line printed once and exit status 1; a
+process killed by a signal is one line too; an unexpected exception keeps its traceback. How the
+device and backend are chosen: tests/test_launch_device.py."""
 import os
 import subprocess
 import sys

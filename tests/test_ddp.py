@@ -1,11 +1,12 @@
-"""DDP with the reversible backward: 2 CPU processes (gloo) started by detectron2's launch match
-one process with the same global batch, with the default bucketed all-reduce (no
-find_unused_parameters, no static_graph)."""
+"""DDP with the reversible backward: 2 CPU processes (gloo, also on a machine with GPUs) started
+by detectron2's launch match one process with the same global batch, with the default bucketed
+all-reduce (no find_unused_parameters, no static_graph)."""
 import socket
 
 import pytest
 import torch
-from detectron2.engine import launch
+
+from revvit_d2.training.cli import launch_on
 
 import _ddp_worker as worker
 
@@ -19,8 +20,10 @@ def _free_port():
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
     out = tmp_path / "ddp.pt"
-    launch(worker.ddp_main, 2, num_machines=1, machine_rank=0,
-           dist_url=f"tcp://127.0.0.1:{_free_port()}", args=(str(out),))
+    # launch_on("cpu"): detectron2's launch with processes that see no GPU, so that it picks
+    # gloo for the CPU models here (NCCL and one GPU per process where CUDA is available)
+    launch_on("cpu", worker.ddp_main, 2, num_machines=1, machine_rank=0,
+              dist_url=f"tcp://127.0.0.1:{_free_port()}", args=(str(out),))
     ddp = torch.load(out, weights_only=True)
     assert ddp["world"] == 2
 

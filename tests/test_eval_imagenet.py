@@ -240,8 +240,8 @@ def _reference_accuracy(val_dir: Path, checkpoint: Path):
 def test_tool_with_oracle_checkpoint_and_corrupt_image(tiny_folder, tmp_path):
     checkpoint = oracle_path(ORACLE)
     val = _corrupt_copy(tiny_folder / "val", tmp_path / "val")
-    proc = run_tool("--checkpoint", checkpoint, f"eval.data={val}", "eval.batch_size=8",
-                    "eval.num_workers=1")
+    proc = run_tool("--num-gpus", 0, "--checkpoint", checkpoint, f"eval.data={val}",  # CPU
+                    "eval.batch_size=8", "eval.num_workers=1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"loaded checkpoint {checkpoint} (slowfast format)" in proc.stdout
     assert "skipping unreadable image" in proc.stdout and "garbage.JPEG" in proc.stdout

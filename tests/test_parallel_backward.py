@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import revvit_d2
-from revvit_d2.modeling import reversible
+from revvit_d2.modeling import parallel
 from revvit_d2.modeling.reversible import ReversibleBlock
 
 KW = dict(drop_path_rate=0.3, dropout_rate=0.1)
@@ -76,7 +76,7 @@ def test_parallel_schedule_recomputes_one_block_ahead(monkeypatch):
     """Block i-1's recomputation is issued before block i's gradient step (what the side
     stream overlaps on a GPU), and each block is recomputed exactly once."""
     order = []
-    recompute, gradient = reversible._recompute_block, reversible._gradient_step
+    recompute, gradient = parallel._recompute_block, parallel._gradient_step
 
     def spy_recompute(spec, records, autocast, i, y1, y2):
         order.append(("recompute", i))
@@ -86,8 +86,8 @@ def test_parallel_schedule_recomputes_one_block_ahead(monkeypatch):
         order.append(("gradient", len([e for e in order if e[0] == "gradient"])))
         return gradient(cur, dy1, dy2, grads)
 
-    monkeypatch.setattr(reversible, "_recompute_block", spy_recompute)
-    monkeypatch.setattr(reversible, "_gradient_step", spy_gradient)
+    monkeypatch.setattr(parallel, "_recompute_block", spy_recompute)
+    monkeypatch.setattr(parallel, "_gradient_step", spy_gradient)
     model = _model("rev_vit_test", parallel_backward=True)
     _step(model, torch.randn(2, 3, 64, 64), seed=0)
     n = len(model.blocks)
@@ -105,7 +105,7 @@ def test_cuda_two_stream_race_against_plain_autograd(monkeypatch, delayed):
     """Delay one stream's work (recomputation and gradient steps) by a spin kernel, with tensors
     large enough that a missing wait or a reused buffer shows; the gradients must still equal
     plain autograd's, and the CUDA generator is left as the forward left it."""
-    side = reversible._side_stream(torch.device("cuda"))
+    side = parallel.side_stream(torch.device("cuda"))
     main = torch.cuda.current_stream()
 
     def delay():
@@ -113,7 +113,7 @@ def test_cuda_two_stream_race_against_plain_autograd(monkeypatch, delayed):
         if current == (side if delayed == "side" else main):
             torch.cuda._sleep(2_000_000)  # ~1 ms of spinning on that stream
 
-    recompute, gradient = reversible._recompute_block, reversible._gradient_step
+    recompute, gradient = parallel._recompute_block, parallel._gradient_step
 
     def slow_recompute(*a):
         delay()
@@ -123,8 +123,8 @@ def test_cuda_two_stream_race_against_plain_autograd(monkeypatch, delayed):
         delay()
         return gradient(*a)
 
-    monkeypatch.setattr(reversible, "_recompute_block", slow_recompute)
-    monkeypatch.setattr(reversible, "_gradient_step", slow_gradient)
+    monkeypatch.setattr(parallel, "_recompute_block", slow_recompute)
+    monkeypatch.setattr(parallel, "_gradient_step", slow_gradient)
     kw = dict(depth=8, embed_dim=256, num_heads=4, drop_path_rate=0.2, dropout_rate=0.1)
     par = _model("rev_vit_test", parallel_backward=True, **kw).cuda().train()
     plain = _model("rev_vit_test", use_rev_backprop=False, **kw).cuda().train()
@@ -150,8 +150,8 @@ def test_cuda_one_side_stream_per_device_reused():
     model = _model("rev_vit_test", parallel_backward=True, rev_anchor_every=3, depth=8).cuda()
     x = torch.randn(2, 3, 64, 64, device="cuda")
     _step(model, x, seed=0)
-    stream = reversible._side_stream(torch.device("cuda"))
-    streams = dict(reversible._SIDE_STREAMS)
+    stream = parallel.side_stream(torch.device("cuda"))
+    streams = dict(parallel._SIDE_STREAMS)
     _step(model, x, seed=1)  # three anchor chunks, a second backward call
-    assert len(streams) == 1 and reversible._SIDE_STREAMS == streams
-    assert reversible._side_stream(torch.device("cuda")) is stream
+    assert len(streams) == 1 and parallel._SIDE_STREAMS == streams
+    assert parallel.side_stream(torch.device("cuda")) is stream

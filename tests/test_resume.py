@@ -5,6 +5,8 @@ the previous "last" checkpoint loadable.
 The comparisons are exact (==): on the CPU with a fixed thread count, the resumed run repeats
 the same float operations on the same bits (weights, optimizer and schedule state from the
 checkpoint; data order, augmentations and drop-path masks from the seed and the iteration).
+Every run says ``train.device=cpu``, so that a machine with GPUs runs the same CPU processes
+(gloo), not CUDA kernels whose sums may change from run to run.
 """
 import json
 import os
@@ -35,7 +37,7 @@ DETECTION = ["model.backbone.net.depth=2", "model.backbone.net.drop_path_rate=0.
              "model.roi_heads.batch_size_per_image=32", "dataloader.train.total_batch_size=2",
              "dataloader.train.num_workers=2", "dataloader.evaluator=null", "train.max_iter=8",
              "train.checkpointer.period=2", "train.log_period=1", "train.seed=7",
-             "train.deterministic=True"]
+             "train.deterministic=True", "train.device=cpu"]
 
 def _start(tool, args, cwd):
     return subprocess.Popen([sys.executable, str(tool), *map(str, args)], cwd=str(cwd), env=ENV,
@@ -148,7 +150,7 @@ def test_video_resume_after_sigkill_mid_epoch_repeats_the_losses(tmp_path):
               f"dataloader.test.data_path={data / 'val.csv'}", "dataloader.test.num_workers=0",
               "dataloader.train.total_batch_size=4", "dataloader.train.num_workers=1",
               "train.max_iter=10", "train.checkpointer.period=3", "train.log_period=1",
-              "model.drop_path_rate=0.2"]
+              "model.drop_path_rate=0.2", "train.device=cpu"]
     # Two processes (gloo): each has its own share of the videos, and only one holds the
     # missing one, so each must get back its own position.
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -7,10 +7,11 @@ it generates a synthetic motion dataset, trains the tiny Rev-MViT on the CPU and
 
     python tools/run_video.py --config-file configs/Kinetics/rev_mvit_b_16x4.py --eval-only train.init_checkpoint=REV_MVIT_B_16x4.pyth
 
-Training: ``--num-gpus N`` processes (one per GPU; on a machine without CUDA, N CPU processes
-with the gloo backend), ``--resume`` continues from ``<train.output_dir>/last_checkpoint``
-(model, optimizer, LR schedule position, iteration). Overrides are ``key=value`` pairs after the
-options (``train.epochs=10``, ``dataloader.train.data_path=...``). The last line printed starts
+Training: ``--num-gpus N`` processes (one per GPU; with ``train.device=cpu`` or on a machine
+without CUDA, N CPU processes with the gloo backend), ``--resume`` continues from
+``<train.output_dir>/last_checkpoint`` (model, optimizer, LR schedule position, iteration).
+Overrides are ``key=value`` pairs after the options (``train.epochs=10``,
+``dataloader.train.data_path=...``). The last line printed starts
 with ``* Top-1``; expected errors (missing data, a bad config key, a checkpoint of another model)
 print one ``error:`` line on stderr and exit with status 1.
 
@@ -72,8 +73,8 @@ def build_parser():
     parser = tool_parser(__doc__, DEFAULT_CONFIG)
     for action in parser._actions:
         if action.dest == "num_gpus":
-            action.help = ("processes per machine: one per GPU, or CPU processes (gloo) when "
-                           "CUDA is not available")
+            action.help = ("processes per machine: one per GPU, or CPU processes (gloo) with "
+                           "train.device=cpu or when CUDA is not available")
     return parser
 
 
@@ -266,12 +267,15 @@ def main(args):
 
 
 def check_inputs(args):
-    """The cheap checks, once, before any process is launched or any file is written."""
+    """The cheap checks, once, before any process is launched or any file is written. Returns
+    ``train.device`` for launch_guarded: with ``cpu``, the processes use gloo even where CUDA
+    is available."""
     if args.num_gpus < 1:
         raise ToolError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     cfg, args.config_file = load_config(args)
     prepare_data(cfg, args.eval_only)
     check_start_checkpoint(cfg.train.output_dir, cfg.train.get("init_checkpoint"), args.resume)
+    return str(cfg.train.get("device", "auto"))
 
 
 def invoke_main(argv=None) -> int:

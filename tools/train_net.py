@@ -2,7 +2,9 @@
 """Train and evaluate Mask R-CNN with a reversible backbone from a LazyConfig file.
 
 Shaped like detectron2's tools/lazyconfig_train_net.py (same options: --config-file,
---eval-only, --resume, --num-gpus, --num-machines, key=value overrides). Without --config-file
+--eval-only, --resume, --num-gpus, --num-machines, key=value overrides). ``--num-gpus N``
+starts N processes: one per GPU (NCCL) when ``train.device`` is CUDA, N CPU processes (gloo)
+when it is ``cpu``, as in the demo config, on any machine. Without --config-file
 it runs the built-in demo, configs/COCO/mask_rcnn_revvit_synthetic.py: a small Rev-ViT Mask R-CNN
 trained on a generated COCO-format shapes dataset, then COCO box and mask AP.
 
@@ -159,10 +161,24 @@ def _add_keys(cfg):
     add_unsafe_pickle_key(cfg.train)
 
 
-def main(args):
+def load_config(args):
     cfg, _ = load_tool_config(args.config_file, str(DEFAULT_CONFIG),
                               ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
                               args.opts, prepare=_add_keys)
+    return cfg
+
+
+def launch_device(args):
+    """Before several processes are launched: the config's ``train.device``, so that CPU
+    processes use gloo even where CUDA is available (launch_guarded). One process loads the
+    config only once, in ``main``."""
+    if args.num_gpus * args.num_machines <= 1:
+        return None
+    return str(load_config(args).train.device)
+
+
+def main(args):
+    cfg = load_config(args)
     check_inputs(cfg, args)
     setup_run(cfg, args, ("revvit", "revvit_d2"))  # this tool's and the loaders' reports
     if args.eval_only:
@@ -177,7 +193,7 @@ def main(args):
 
 def invoke_main() -> int:
     args = tool_parser(__doc__, str(DEFAULT_CONFIG)).parse_args()
-    return launch_guarded(main, args,
+    return launch_guarded(main, args, check=launch_device,
                           expected=(UserError, FileNotFoundError, CheckpointMismatchError))
 
 

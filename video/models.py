@@ -127,6 +127,8 @@ def create_rev_mvit(
     rev_anchor_every: int = 0,
     check_finite: bool = False,
     compile_blocks: bool = False,
+    stored_blocks: int = 0,
+    rev_backward_chunk: int = 0,
     # Head.
     head: Optional[Callable[..., nn.Module]] = create_vit_basic_head,
     head_num_classes: int = _B16X4["head_num_classes"],
@@ -156,7 +158,8 @@ def create_rev_mvit(
         act_checkpoint (bool): with ``use_rev_backprop=False``, activation checkpointing of each
             reversible block (``torch.utils.checkpoint``); the stage transitions are not
             checkpointed.
-        parallel_backward, rev_anchor_every, check_finite, compile_blocks: the other engine
+        parallel_backward, rev_anchor_every, check_finite, compile_blocks, stored_blocks,
+            rev_backward_chunk: the other engine
             options (:class:`revvit_d2.modeling.EngineOptions` documents each).
         head (callable): builds the head from ``in_features, out_features, seq_pool_type,
             dropout_rate, activation`` (pytorchvideo's ``create_vit_basic_head``); None for a
@@ -181,7 +184,8 @@ def create_rev_mvit(
         sep_pos_embed=sep_pos_embed, drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
         num_classes=0, use_rev_backprop=use_rev_backprop, act_checkpoint=act_checkpoint,
         parallel_backward=parallel_backward, rev_anchor_every=rev_anchor_every,
-        check_finite=check_finite, compile_blocks=compile_blocks,
+        check_finite=check_finite, compile_blocks=compile_blocks, stored_blocks=stored_blocks,
+        rev_backward_chunk=rev_backward_chunk,
     )
     return RevVideoNet(trunk=trunk, head=_head(head, trunk.num_features, head_num_classes,
                                                head_dropout_rate, head_activation))
@@ -207,6 +211,8 @@ def create_rev_vit_video(
     rev_anchor_every: int = 0,
     check_finite: bool = False,
     compile_blocks: bool = False,
+    stored_blocks: int = 0,
+    rev_backward_chunk: int = 0,
     head: Optional[Callable[..., nn.Module]] = create_vit_basic_head,
     head_num_classes: int = 400,
     head_dropout_rate: float = 0.5,
@@ -236,7 +242,8 @@ def create_rev_vit_video(
         dropout_rate=dropout_rate, num_classes=0, use_rev_backprop=use_rev_backprop,
         act_checkpoint=act_checkpoint, parallel_backward=parallel_backward,
         rev_anchor_every=rev_anchor_every, check_finite=check_finite,
-        compile_blocks=compile_blocks,
+        compile_blocks=compile_blocks, stored_blocks=stored_blocks,
+        rev_backward_chunk=rev_backward_chunk,
     )
     return RevVideoNet(trunk=trunk, head=_head(head, trunk.num_features, head_num_classes,
                                                head_dropout_rate, head_activation))

@@ -3,6 +3,7 @@
 Imports nothing of revvit outside this package (fvcore only inside ``flops``).
 """
 from .base import RevModelBase
+from .budget import choose_stored_blocks, estimate_stored_blocks_memory
 from .layers import MultiScaleAttention, PatchEmbed, TwoStreamFusion, resize_pos_embed
 from .options import EngineOptions
 from .rev_mvit import RevMViT
@@ -24,6 +25,8 @@ __all__ = [
     "RevViT",
     "RevMViT",
     "build_model",
+    "choose_stored_blocks",
+    "estimate_stored_blocks_memory",
     "get_model_kwargs",
     "get_pretrained_cfg",
     "list_models",

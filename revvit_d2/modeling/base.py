@@ -12,7 +12,7 @@ from torch import nn
 
 from .layers import TwoStreamFusion, init_official_weights
 from .options import EngineOptions
-from .reversible import compile_subblocks, reversible_stack
+from .reversible import ReversibleBlock, compile_subblocks, reversible_stack
 
 __all__ = ["RevModelBase"]
 
@@ -42,6 +42,7 @@ class RevModelBase(nn.Module):
     def _finish_init(self):
         """Official initialisation of every submodule, then the optional compilation."""
         self.apply(init_official_weights)
+        self._stored_in([])  # validates stored_blocks against the model's depth
         if self.engine.compile_blocks:  # the reversible blocks' F and G only
             compile_subblocks(self)
 
@@ -55,7 +56,25 @@ class RevModelBase(nn.Module):
             x1 = x2 = x1.contiguous()
         else:
             x1, x2 = x1.contiguous(), x2.contiguous()
-        return reversible_stack(blocks, x1, x2, thw, self.engine, names)
+        options = self.engine
+        if options.stored_blocks:
+            options = options.replace(stored_blocks=self._stored_in(blocks))
+        return reversible_stack(blocks, x1, x2, thw, options, names)
+
+    def reversible_blocks(self):
+        """The model's reversible blocks in forward order (Rev-MViT's transitions excluded)."""
+        return [m for m in self.blocks if isinstance(m, ReversibleBlock)]
+
+    def _stored_in(self, run) -> int:
+        """How many blocks of ``run`` are among the model's last ``stored_blocks`` reversible
+        blocks (they always form the end of the run)."""
+        every = self.reversible_blocks()
+        k = self.engine.stored_blocks
+        if k > len(every):
+            raise ValueError(f"stored_blocks={k} exceeds the model's {len(every)} reversible "
+                             f"blocks")
+        stored = {id(b) for b in every[len(every) - k:]}
+        return sum(id(b) in stored for b in run)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, 2C) -> logits (B, classes) (or pooled features if num_classes == 0)."""

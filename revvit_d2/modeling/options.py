@@ -32,6 +32,17 @@ class EngineOptions:
         compile_blocks (bool): ``torch.compile`` the F and G sub-blocks of every reversible block
             when the model is built (:func:`~revvit_d2.modeling.reversible.compile_subblocks`);
             the engine itself stays eager. Compiles lazily, on the first forward.
+        stored_blocks (int): the memory-budget hybrid: the last ``k`` reversible blocks of the
+            model keep their activations (ordinary autograd, no recomputation), the others use
+            the reversible backward. 0 (default) is the fully reversible model; the model's
+            number of reversible blocks is plain autograd.
+            :func:`~revvit_d2.modeling.budget.choose_stored_blocks` picks ``k`` from a memory
+            budget per image.
+        rev_backward_chunk (int): if > 0, the reversible backward recomputes and
+            back-propagates the batch in chunks of this many samples (parameter gradients are
+            summed over the chunks), so its working set is that of one chunk, not of the batch.
+            F and G must treat samples independently (true of every revvit block); active
+            dropout inside F or G is refused (its mask cannot be replayed per chunk).
     """
 
     use_rev_backprop: bool = True
@@ -40,11 +51,14 @@ class EngineOptions:
     rev_anchor_every: int = 0
     check_finite: bool = False
     compile_blocks: bool = False
+    stored_blocks: int = 0
+    rev_backward_chunk: int = 0
 
     def __post_init__(self):
-        if int(self.rev_anchor_every) != self.rev_anchor_every or self.rev_anchor_every < 0:
-            raise ValueError(f"rev_anchor_every must be an integer >= 0, got "
-                             f"{self.rev_anchor_every!r}")
+        for name in ("rev_anchor_every", "stored_blocks", "rev_backward_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
     @classmethod
     def names(cls):

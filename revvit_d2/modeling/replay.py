@@ -1,4 +1,6 @@
-"""Replaying a sub-block's forward exactly: RNG state, autocast state and drop-path mask.
+"""Replaying a sub-block's forward exactly: RNG state, autocast state and drop-path mask; and
+the steps every backward schedule of the engine is made of (recompute a branch with its small
+graph, back-propagate through it, sum parameter gradients).
 
 The reversible backward recomputes F and G from rebuilt inputs. To get the forward's numbers it
 restores the random-number state captured before each call (as ``torch.utils.checkpoint`` does,
@@ -13,7 +15,8 @@ import torch.func
 from torch import nn
 
 __all__ = ["RNGState", "module_uses_rng", "drop_path_mask", "apply_mask", "autocast_state",
-           "replay", "recompute_with_graph"]
+           "replay", "recompute_with_graph", "ParamGrads", "Branch", "recompute_g", "recompute_f",
+           "backprop", "add_grad"]
 
 AutocastState = Tuple[str, bool, Optional[torch.dtype]]
 
@@ -107,3 +110,61 @@ def recompute_with_graph(module: nn.Module, rng: Optional[RNGState],
         out = replay(call, rng, mask, autocast, *args)
     return out, leaves, aliases
 
+
+
+class ParamGrads:
+    """Sums the gradients of a run's parameters (a parameter may appear in several blocks)."""
+
+    def __init__(self, params):
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.grads: List[Optional[torch.Tensor]] = [None] * len(params)
+
+    def add(self, params, grads):
+        for p, g in zip(params, grads):
+            if g is not None:
+                k = self.index[id(p)]
+                self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+
+
+class Branch:
+    """One recomputed sub-block with its small graph: ``out = DP(H(input))`` on parameter
+    aliases; back-propagating through it gives the input's and the parameters' gradients."""
+
+    __slots__ = ("out", "input", "leaves", "aliases")
+
+    def __init__(self, out, input, leaves, aliases):
+        self.out, self.input, self.leaves, self.aliases = out, input, leaves, aliases
+
+
+def recompute_g(blk, rec, autocast, y1, y2) -> Tuple[Branch, torch.Tensor]:
+    """(G branch with its graph, X2 = Y2 - DP(G(Y1))) of a reversible block."""
+    y1 = y1.detach().requires_grad_(True)
+    out, leaves, aliases = recompute_with_graph(blk.G, rec.rng_g, rec.mask, autocast, y1)
+    with torch.no_grad():
+        x2 = y2 - out
+    return Branch(out, y1, leaves, aliases), x2
+
+
+def recompute_f(blk, rec, autocast, thw, x2, y1) -> Tuple[Branch, torch.Tensor]:
+    """(F branch with its graph, X1 = Y1 - DP(F(X2))) of a reversible block."""
+    x2 = x2.detach().requires_grad_(True)
+    out, leaves, aliases = recompute_with_graph(blk.F, rec.rng_f, rec.mask, autocast, x2, thw)
+    with torch.no_grad():
+        x1 = y1.detach() - out
+    return Branch(out, x2, leaves, aliases), x1
+
+
+def backprop(branch: Branch, dout, grads: ParamGrads) -> Optional[torch.Tensor]:
+    """Back-propagate ``dout`` through a recomputed branch; adds the parameter gradients to
+    ``grads`` and returns the gradient of the branch input (None if it does not depend on it)."""
+    g = torch.autograd.grad(branch.out, [branch.input] + branch.aliases, dout, allow_unused=True)
+    grads.add(branch.leaves, g[1:])
+    return g[0]
+
+
+def add_grad(a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """``a + b`` outside any graph; ``a`` when ``b`` is None (a branch that ignores its input)."""
+    if b is None:
+        return a
+    with torch.no_grad():
+        return a + b

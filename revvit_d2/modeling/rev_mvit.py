@@ -168,7 +168,8 @@ class RevMViT(RevModelBase):
         drop_path_rate, dropout_rate, head_dropout_rate, num_classes, fuse: as in
             :class:`~revvit_d2.modeling.rev_vit.RevViT`.
         use_rev_backprop, act_checkpoint, parallel_backward, rev_anchor_every, check_finite,
-        compile_blocks: the engine's settings, kept as ``self.engine``
+        compile_blocks, stored_blocks, rev_backward_chunk: the engine's settings, kept as
+            ``self.engine``
             (:class:`~revvit_d2.modeling.options.EngineOptions`). ``act_checkpoint`` wraps the
             reversible blocks, not the transitions; ``compile_blocks`` compiles the reversible
             blocks' F and G, the transitions stay eager.
@@ -206,6 +207,8 @@ class RevMViT(RevModelBase):
         rev_anchor_every=0,
         check_finite=False,
         compile_blocks=False,
+        stored_blocks=0,
+        rev_backward_chunk=0,
     ):
         super().__init__()
         input_size = tuple(int(s) for s in input_size)
@@ -215,7 +218,8 @@ class RevMViT(RevModelBase):
         self.engine = EngineOptions(
             use_rev_backprop=use_rev_backprop, act_checkpoint=act_checkpoint,
             parallel_backward=parallel_backward, rev_anchor_every=rev_anchor_every,
-            check_finite=check_finite, compile_blocks=compile_blocks)
+            check_finite=check_finite, compile_blocks=compile_blocks,
+            stored_blocks=stored_blocks, rev_backward_chunk=rev_backward_chunk)
         self.is_video = len(input_size) == 3
         self.input_size = input_size
         self.sep_pos_embed = sep_pos_embed

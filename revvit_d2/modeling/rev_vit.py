@@ -47,7 +47,8 @@ class RevViT(RevModelBase):
         num_classes (int): classes; 0 builds no head and ``forward`` returns pooled features.
         fuse (str): how the two streams are merged at the end (:class:`TwoStreamFusion`).
         use_rev_backprop, act_checkpoint, parallel_backward, rev_anchor_every, check_finite,
-        compile_blocks: the engine's settings, kept as ``self.engine``
+        compile_blocks, stored_blocks, rev_backward_chunk: the engine's settings, kept as
+            ``self.engine``
             (:class:`~revvit_d2.modeling.options.EngineOptions`, which documents each).
         pos_embed_interp (str): interpolation used when the input grid differs from the
             training grid ("bicubic").
@@ -77,6 +78,8 @@ class RevViT(RevModelBase):
         rev_anchor_every=0,
         check_finite=False,
         compile_blocks=False,
+        stored_blocks=0,
+        rev_backward_chunk=0,
         pos_embed_interp="bicubic",
         window_size=0,
         global_block_indexes=(),
@@ -89,7 +92,8 @@ class RevViT(RevModelBase):
         self.engine = EngineOptions(
             use_rev_backprop=use_rev_backprop, act_checkpoint=act_checkpoint,
             parallel_backward=parallel_backward, rev_anchor_every=rev_anchor_every,
-            check_finite=check_finite, compile_blocks=compile_blocks)
+            check_finite=check_finite, compile_blocks=compile_blocks,
+            stored_blocks=stored_blocks, rev_backward_chunk=rev_backward_chunk)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth

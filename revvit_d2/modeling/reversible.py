@@ -40,8 +40,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .options import EngineOptions
-from .replay import (RNGState, apply_mask, autocast_state, drop_path_mask, module_uses_rng,
-                     recompute_with_graph)
+from .parallel import parallel_backward
+from .replay import (ParamGrads, RNGState, add_grad, apply_mask, autocast_state, backprop,
+                     drop_path_mask, module_uses_rng, recompute_f, recompute_g)
 
 __all__ = ["ReversibleBlock", "RevBackProp", "reversible_stack", "drop_path_mask",
            "compile_subblocks"]
@@ -124,6 +125,10 @@ class _Record:
         self.rng_f = rng_f
         self.rng_g = rng_g
 
+    def samples(self, rows: slice) -> "_Record":
+        """The record of some samples of the batch (no RNG: chunking refuses dropout)."""
+        return _Record(self.mask[rows] if self.mask is not None else None, None, None)
+
 
 class _RunSpec:
     """One reversible run: its blocks, token grid, trainable parameters, block names, options."""
@@ -138,20 +143,6 @@ class _RunSpec:
         self.options = options
 
 
-class _ParamGrads:
-    """Sums the gradients of a run's parameters (a parameter may appear in several blocks)."""
-
-    def __init__(self, params):
-        self.index = {id(p): i for i, p in enumerate(params)}
-        self.grads: List[Optional[torch.Tensor]] = [None] * len(params)
-
-    def add(self, params, grads):
-        for p, g in zip(params, grads):
-            if g is not None:
-                k = self.index[id(p)]
-                self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
-
-
 class RevBackProp(torch.autograd.Function):
     """Memory-saving forward/backward over a run of :class:`ReversibleBlock`.
 
@@ -162,6 +153,8 @@ class RevBackProp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1, x2, spec, *params):
+        if spec.options.rev_backward_chunk:
+            _refuse_dropout(spec)
         records: List[_Record] = []
         for i, blk in enumerate(spec.blocks):
             mask = drop_path_mask(x1, blk.drop_path_rate, blk.training)
@@ -182,181 +175,58 @@ class RevBackProp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy1, dy2):
         y1, y2 = (t.detach() for t in ctx.saved_tensors)
-        grads = _ParamGrads(ctx.spec.params)
-        schedule = _parallel_backward if ctx.spec.options.parallel_backward else _sequential_backward
-        dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
+        grads = ParamGrads(ctx.spec.params)
+        schedule = parallel_backward if ctx.spec.options.parallel_backward else sequential_backward
+        chunk = ctx.spec.options.rev_backward_chunk
+        if chunk <= 0 or chunk >= y1.shape[0]:
+            dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
+        else:
+            dx1, dx2 = _chunked(schedule, chunk, ctx.spec, ctx.records, ctx.autocast,
+                                y1, y2, dy1, dy2, grads)
         ctx.records = None
         return (dx1, dx2, None) + tuple(grads.grads)
 
 
-class _Branch:
-    """One recomputed sub-block with its small graph: ``out = DP(H(input))`` on parameter
-    aliases; back-propagating through it gives the input's and the parameters' gradients."""
+def _chunked(schedule, chunk, spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGrads):
+    """The whole backward of the run, ``chunk`` samples at a time (backward micro-chunks).
 
-    __slots__ = ("out", "input", "leaves", "aliases")
-
-    def __init__(self, out, input, leaves, aliases):
-        self.out, self.input, self.leaves, self.aliases = out, input, leaves, aliases
-
-
-def _recompute_g(blk, rec, autocast, y1, y2):
-    """(G branch with its graph, X2 = Y2 - DP(G(Y1)))."""
-    y1 = y1.detach().requires_grad_(True)
-    out, leaves, aliases = recompute_with_graph(blk.G, rec.rng_g, rec.mask, autocast, y1)
-    with torch.no_grad():
-        x2 = y2 - out
-    return _Branch(out, y1, leaves, aliases), x2
+    F and G act on every sample independently, so the samples' input gradients are separable
+    and the parameter gradients are sums over samples; the working set (one block's graphs,
+    rebuilt inputs, their gradients) is that of one chunk. Only the input gradients of the
+    batch are allocated whole."""
+    dx1, dx2 = torch.empty_like(y1), torch.empty_like(y2)
+    for start in range(0, y1.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        part = [rec.samples(rows) for rec in records]
+        c1, c2 = schedule(spec, part, autocast, y1[rows], y2[rows], dy1[rows], dy2[rows], grads)
+        dx1[rows] = c1
+        dx2[rows] = c2
+    return dx1, dx2
 
 
-def _recompute_f(blk, rec, autocast, thw, x2, y1):
-    """(F branch with its graph, X1 = Y1 - DP(F(X2)))."""
-    x2 = x2.detach().requires_grad_(True)
-    out, leaves, aliases = recompute_with_graph(blk.F, rec.rng_f, rec.mask, autocast, x2, thw)
-    with torch.no_grad():
-        x1 = y1.detach() - out
-    return _Branch(out, x2, leaves, aliases), x1
+def _refuse_dropout(spec):
+    for i, blk in enumerate(spec.blocks):
+        if module_uses_rng(blk.F) or module_uses_rng(blk.G):
+            name = spec.names[i] if spec.names is not None else f"block {i}"
+            raise ValueError(
+                f"rev_backward_chunk={spec.options.rev_backward_chunk} cannot replay the dropout "
+                f"active in {name} per chunk; set the model's dropout_rate to 0 or "
+                f"rev_backward_chunk=0")
 
 
-def _backprop(branch: _Branch, dout, grads: _ParamGrads) -> Optional[torch.Tensor]:
-    """Back-propagate ``dout`` through a recomputed branch; adds the parameter gradients to
-    ``grads`` and returns the gradient of the branch input (None if it does not depend on it)."""
-    g = torch.autograd.grad(branch.out, [branch.input] + branch.aliases, dout, allow_unused=True)
-    grads.add(branch.leaves, g[1:])
-    return g[0]
-
-
-def _plus(a, b):
-    if b is None:
-        return a
-    with torch.no_grad():
-        return a + b
-
-
-def _sequential_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: _ParamGrads):
+def sequential_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGrads):
     """Walk the blocks backwards: rebuild each block's inputs from its outputs while
     back-propagating through the recomputed G, then F (one recomputation of each per block;
     at most one sub-block's graph alive at a time)."""
     for blk, rec in zip(reversed(spec.blocks), reversed(records)):
-        g_branch, x2 = _recompute_g(blk, rec, autocast, y1, y2)
-        dy1 = _plus(dy1, _backprop(g_branch, dy2, grads))  # dY1 total = dY1 + dG/dY1^T dY2
+        g_branch, x2 = recompute_g(blk, rec, autocast, y1, y2)
+        dy1 = add_grad(dy1, backprop(g_branch, dy2, grads))  # dY1 total = dY1 + dG/dY1^T dY2
         del g_branch
-        f_branch, x1 = _recompute_f(blk, rec, autocast, spec.thw, x2, y1)
-        dx2 = _plus(dy2, _backprop(f_branch, dy1, grads))
+        f_branch, x1 = recompute_f(blk, rec, autocast, spec.thw, x2, y1)
+        dx2 = add_grad(dy2, backprop(f_branch, dy1, grads))
         del f_branch
         y1, y2, dy2 = x1, x2, dx2  # the rebuilt inputs are the previous block's outputs
     return dy1, dy2
-
-
-class _Recomputed:
-    """Block i recomputed: its inputs (X1, X2) and the graphs of G(Y1) and F(X2)."""
-
-    __slots__ = ("g_branch", "f_branch", "x1", "x2", "stream", "done")
-
-    def __init__(self, g_branch, f_branch, x1, x2, stream, done):
-        self.g_branch, self.f_branch, self.x1, self.x2 = g_branch, f_branch, x1, x2
-        self.stream, self.done = stream, done
-
-
-def _parallel_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: _ParamGrads):
-    """PaReprop schedule (Zhu & Mangalam, 2023), with no extra work: the recomputation of
-    block i-1 *with* its graph (G(Y1) and F(X2) on parameter aliases, which also rebuilds the
-    block's inputs) runs while block i's gradients are computed from the graphs built one step
-    earlier. Every F and G is evaluated once, as in the sequential backward; memory holds one
-    block's graphs more.
-
-    What overlaps and what cannot: block i-1's recomputation needs only block i's rebuilt
-    inputs; its gradient step needs dY of block i, and within a block dY1 must include the G
-    branch's gradient before F is back-propagated, so the gradient steps stay in order.
-
-    Autograd runs each backward op on the stream its forward op ran on, so a graph built on a
-    side stream is back-propagated there: the two streams (the caller's and one side stream per
-    device, reused across calls) swap roles every block. Block i is recomputed and
-    back-propagated on one stream while block i-1 is recomputed on the other; events order the
-    hand-overs (rebuilt inputs, dY) and ``record_stream`` keeps each handed-over tensor's memory
-    until the receiving stream is done with it. On a CPU the same schedule runs in order.
-    """
-    blocks = spec.blocks
-    n = len(blocks)
-    main = torch.cuda.current_stream(y1.device) if y1.device.type == "cuda" else None
-    streams = (main, _side_stream(y1.device)) if main is not None else (None, None)
-    accumulators = (grads, _ParamGrads(spec.params) if main is not None else grads)
-
-    def recompute(i, a1, a2, after):
-        """Block i's graphs and inputs from its outputs (a1, a2), on its stream."""
-        stream = streams[(n - 1 - i) % 2]
-        if stream is None:
-            return _Recomputed(*_recompute_block(spec, records, autocast, i, a1, a2), None, None)
-        stream.wait_event(after)
-        for t in (a1, a2):
-            t.record_stream(stream)
-        with torch.cuda.stream(stream):
-            parts = _recompute_block(spec, records, autocast, i, a1, a2)
-            done = stream.record_event()
-        return _Recomputed(*parts, stream, done)
-
-    start = main.record_event() if main is not None else None
-    nxt = recompute(n - 1, y1, y2, start)
-    ready = start  # the event after which dY of the current block is ready
-    for i in range(n - 1, -1, -1):
-        cur = nxt
-        if i > 0:  # overlap: recompute block i-1 while block i's gradients are computed
-            nxt = recompute(i - 1, cur.x1, cur.x2, cur.done)
-        acc = accumulators[(n - 1 - i) % 2]
-        if cur.stream is None:
-            dy1, dy2 = _gradient_step(cur, dy1, dy2, acc)
-        else:
-            cur.stream.wait_event(ready)
-            for t in (dy1, dy2):
-                t.record_stream(cur.stream)
-            with torch.cuda.stream(cur.stream):
-                dy1, dy2 = _gradient_step(cur, dy1, dy2, acc)
-                ready = cur.stream.record_event()
-        del cur
-    if main is not None:
-        _join(main, streams[1], accumulators, (dy1, dy2))
-    return dy1, dy2
-
-
-def _recompute_block(spec, records, autocast, i, y1, y2):
-    blk, rec = spec.blocks[i], records[i]
-    g_branch, x2 = _recompute_g(blk, rec, autocast, y1, y2)
-    f_branch, x1 = _recompute_f(blk, rec, autocast, spec.thw, x2, y1)
-    return g_branch, f_branch, x1, x2
-
-
-def _gradient_step(cur: _Recomputed, dy1, dy2, grads: _ParamGrads):
-    """(dX1, dX2) of a recomputed block from (dY1, dY2): G first, then F with the total dY1."""
-    dy1 = _plus(dy1, _backprop(cur.g_branch, dy2, grads))
-    cur.g_branch = None
-    dx2 = _plus(dy2, _backprop(cur.f_branch, dy1, grads))
-    cur.f_branch = None
-    return dy1, dx2
-
-
-def _join(main, side, accumulators, outputs):
-    """Back on the caller's stream: wait for the side stream, keep its tensors alive for the
-    caller's stream, and add the side stream's parameter gradients to the caller's."""
-    main.wait_stream(side)
-    grads, side_grads = accumulators
-    for t in outputs:
-        t.record_stream(main)
-    for k, g in enumerate(side_grads.grads):
-        if g is not None:
-            g.record_stream(main)
-            grads.grads[k] = g if grads.grads[k] is None else grads.grads[k] + g
-
-
-_SIDE_STREAMS = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The parallel backward's side stream of a CUDA device: one per device, made once and
-    reused by every backward call and anchor chunk (each new stream would get its own
-    allocator pool)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
 
 
 def _trainable_params(blocks) -> List[nn.Parameter]:
@@ -382,7 +252,10 @@ def reversible_stack(
     The memory-saving backward is used when ``options.use_rev_backprop`` is True and a graph is
     being recorded (grad mode on, and the input or some parameter requires grad). Otherwise
     (inference under ``torch.no_grad()``, or ``use_rev_backprop=False``) it is a plain loop over
-    the blocks: same arithmetic, same random draws, ordinary autograd.
+    the blocks: same arithmetic, same random draws, ordinary autograd. With
+    ``options.stored_blocks = k`` the last k blocks of ``blocks`` run under ordinary autograd
+    after the reversible run of the others (a model translates its model-wide ``k`` into the
+    share of each of its runs).
 
     Args:
         blocks: the run of blocks.
@@ -393,16 +266,25 @@ def reversible_stack(
     """
     options = options if options is not None else EngineOptions()
     thw = tuple(int(s) for s in thw)
+    blocks = list(blocks)
+    names = list(names) if names is not None else None
+    done = 0  # blocks already run through the reversible engine
     if options.use_rev_backprop and torch.is_grad_enabled():
-        params = _trainable_params(blocks)
-        if params or x1.requires_grad or x2.requires_grad:
-            return _reversible_runs(list(blocks), x1, x2, thw, params, options, names)
-    checkpointing = options.act_checkpoint and torch.is_grad_enabled()
-    for i, blk in enumerate(blocks):
+        n_rev = len(blocks) - min(options.stored_blocks, len(blocks))
+        params = _trainable_params(blocks[:n_rev])
+        if n_rev and (params or x1.requires_grad or x2.requires_grad):
+            x1, x2 = _reversible_runs(blocks[:n_rev], x1, x2, thw, params, options,
+                                      names[:n_rev] if names is not None else None)
+            done = n_rev
+    # Plain autograd: the stored blocks of the hybrid, use_rev_backprop=False, or no graph.
+    checkpointing = (options.act_checkpoint and not options.use_rev_backprop
+                     and torch.is_grad_enabled())
+    for i in range(done, len(blocks)):
         if checkpointing:
-            x1, x2 = torch.utils.checkpoint.checkpoint(blk, x1, x2, thw, use_reentrant=False)
+            x1, x2 = torch.utils.checkpoint.checkpoint(blocks[i], x1, x2, thw,
+                                                       use_reentrant=False)
         else:
-            x1, x2 = blk(x1, x2, thw)
+            x1, x2 = blocks[i](x1, x2, thw)
         if options.check_finite:
             _check_finite(x1, i, names)
             _check_finite(x2, i, names)
@@ -411,7 +293,6 @@ def reversible_stack(
 
 def _reversible_runs(blocks, x1, x2, thw, params, options, names):
     """One :class:`RevBackProp` per chunk of ``rev_anchor_every`` blocks (all blocks if 0)."""
-    names = list(names) if names is not None else None
     step = options.rev_anchor_every if options.rev_anchor_every > 0 else len(blocks)
     for start in range(0, len(blocks), step):
         chunk = blocks[start:start + step]

@@ -7,13 +7,20 @@ status 1, never a traceback; with several processes started by ``launch`` only t
 prints it. Unexpected exceptions keep their traceback. A tool calls
 :func:`~revvit_d2.utils.errors.quiet_import_warnings` before importing this module (it imports
 detectron2).
+
+The device decides what the launched processes see: detectron2's ``launch`` gives each process a
+GPU and the NCCL backend whenever CUDA is available, even for a model that the config puts on
+the CPU. :func:`launch_on` (and :func:`launch_guarded`, given the device by the tool's check)
+starts CPU processes with ``CUDA_VISIBLE_DEVICES=""``, so that they use gloo on any machine.
 """
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Type
+from typing import Callable, Optional, Sequence, Tuple, Type, Union
 
+import torch
 from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
@@ -21,8 +28,8 @@ from detectron2.utils import comm
 from ..utils.errors import EXIT_ERROR, UserError, one_line, print_error
 from .lazyconfig import apply_overrides_strict, load_lazy_config
 
-__all__ = ["EXIT_ERROR", "ToolError", "build", "launch_guarded", "load_tool_config", "one_line",
-           "print_error", "run_guarded", "tool_parser"]
+__all__ = ["EXIT_ERROR", "ToolError", "build", "launch_guarded", "launch_on", "load_tool_config",
+           "one_line", "print_error", "processes_use_gpus", "run_guarded", "tool_parser"]
 
 
 class ToolError(UserError):
@@ -41,6 +48,57 @@ def run_guarded(main: Callable, args, expected: Tuple[Type[BaseException], ...] 
         sys.exit(EXIT_ERROR)
 
 
+def processes_use_gpus(device: Union[str, torch.device, None], num_processes: int) -> bool:
+    """Whether the `num_processes` processes per machine that detectron2's ``launch`` starts
+    for `device` get a GPU each (and NCCL), rather than none (and gloo).
+
+    `device` is the device the processes train on: ``"cpu"`` (or any non-CUDA device), a CUDA
+    device, or ``None`` / ``"auto"`` for "CUDA when available". CUDA processes need one GPU
+    each: more processes than visible GPUs is a :class:`ToolError` (detectron2 would fail an
+    ``assert`` in every process)."""
+    if device is not None and str(device) != "auto" and torch.device(device).type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    count = torch.cuda.device_count()
+    if num_processes > count:
+        raise ToolError(f"{num_processes} processes per machine on CUDA need one GPU each, but "
+                        f"{count} GPU(s) are visible; choose the CPU device (e.g. "
+                        f"train.device=cpu) for CPU processes with the gloo backend")
+    return True
+
+
+@contextlib.contextmanager
+def _gpus_hidden(hide: bool):
+    """``CUDA_VISIBLE_DEVICES=""`` in this process's environment meanwhile, which the processes
+    it spawns inherit (this process keeps the devices it has seen)."""
+    if not hide:
+        yield
+        return
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
+
+
+def launch_on(device: Union[str, torch.device, None], main_func: Callable, num_processes: int,
+              num_machines: int = 1, machine_rank: int = 0, dist_url: Optional[str] = None,
+              args: tuple = ()):
+    """detectron2's ``launch`` (same arguments after `device`) with processes for `device`
+    (:func:`processes_use_gpus`): several CPU processes see no GPU, so detectron2 picks gloo
+    and does not compare the process count with the GPU count; CUDA processes get a GPU each
+    and NCCL. One process in all runs `main_func` here, as with detectron2."""
+    gpus = processes_use_gpus(device, num_processes)
+    with _gpus_hidden(num_processes * num_machines > 1 and not gpus):
+        launch(main_func, num_processes, num_machines=num_machines, machine_rank=machine_rank,
+               dist_url=dist_url, args=args)
+
+
 def launch_guarded(main: Callable, args,
                    expected: Tuple[Type[BaseException], ...] = (UserError,),
                    check: Optional[Callable] = None) -> int:
@@ -48,22 +106,25 @@ def launch_guarded(main: Callable, args,
     (``args.num_gpus``, ``num_machines``, ``machine_rank``, ``dist_url``); returns the exit
     status: 0, or EXIT_ERROR after the error line has been printed once, or 130 after Ctrl-C.
     ``check(args)``, when given, runs first in this process: the cheap checks of a tool, so
-    that a bad input is reported once, before any process starts or any file is written.
+    that a bad input is reported once, before any process starts or any file is written. It
+    returns the device the processes will train on (e.g. the config's ``train.device``), or
+    None for "CUDA when available": several processes for a CPU device use gloo on any machine
+    (:func:`launch_on`); too few GPUs for the processes is one error line too.
     A launched process killed by a signal (or out of memory) is reported as one line too; one
     that raised an unexpected exception keeps its traceback (re-raised)."""
     # After one launched process fails, torch logs a warning for each sibling it terminates;
     # the failure itself is reported (our error line, or the child's traceback).
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        if check is not None:
-            try:
-                check(args)
-            except expected as e:
-                print_error(e)
-                return EXIT_ERROR
-        launch(run_guarded, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url,
-               args=(main, args, expected))
+        try:
+            device = check(args) if check is not None else None
+            processes_use_gpus(device, args.num_gpus)  # too few GPUs: one line, here
+        except expected + (ToolError,) as e:
+            print_error(e)
+            return EXIT_ERROR
+        launch_on(device, run_guarded, args.num_gpus, num_machines=args.num_machines,
+                  machine_rank=args.machine_rank, dist_url=args.dist_url,
+                  args=(main, args, expected))
     except SystemExit as e:  # one process: run_guarded's status
         return int(e.code or 0)
     except KeyboardInterrupt:

@@ -28,7 +28,8 @@ model.backbone = L(FPN)(
             _REV_MVIT_B,
             drop_path_rate=0.2,
             # the reversible engine's options at their defaults (use_rev_backprop, act_checkpoint,
-            # parallel_backward, rev_anchor_every, check_finite, compile_blocks; documented in
+            # parallel_backward, rev_anchor_every, check_finite, compile_blocks, stored_blocks,
+            # rev_backward_chunk; documented in
             # revvit_d2.modeling.EngineOptions), e.g. override ...use_rev_backprop=False
             **asdict(EngineOptions()),
             out_features=("scale2", "scale3", "scale4", "scale5"),

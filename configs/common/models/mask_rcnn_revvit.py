@@ -26,7 +26,8 @@ model.backbone = L(RevSimpleFeaturePyramid)(
             window_size=14,
             global_block_indexes=(2, 5, 8, 11),
             # the reversible engine's options at their defaults (use_rev_backprop, act_checkpoint,
-            # parallel_backward, rev_anchor_every, check_finite, compile_blocks; documented in
+            # parallel_backward, rev_anchor_every, check_finite, compile_blocks, stored_blocks,
+            # rev_backward_chunk; documented in
             # revvit_d2.modeling.EngineOptions), e.g. override ...use_rev_backprop=False
             **asdict(EngineOptions()),
             out_feature="last_feat",
