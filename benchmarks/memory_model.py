@@ -247,15 +247,20 @@ def feature_loss(model, x):
     return sum(f.float().mean() for f in model(x).values())
 
 
-def hybrid_available() -> bool:
-    return "stored_blocks" in revvit_d2.modeling.EngineOptions.names()
+def engine_has(option: str) -> bool:
+    """Whether this checkout's engine has the option (``stored_blocks``, ``rev_backward_chunk``
+    arrived with issue 13)."""
+    return option in revvit_d2.modeling.EngineOptions.names()
 
 
 # --------------------------------------------------------------------------------------------
 # the tables
 # --------------------------------------------------------------------------------------------
 
-SIDES = ("plain", "checkpoint", "reversible", "hybrid", "timm", "timm_checkpoint")
+SIDES = ("plain", "checkpoint", "reversible", "hybrid", "chunked", "timm", "timm_checkpoint")
+# The chunked backward (rev_backward_chunk) as issue 13 measures it on the CPU: chunks of 4
+# samples; its per-image figure needs batches larger than a chunk.
+CHUNK, CHUNK_BATCHES = 4, (8, 32)
 
 
 def timm_builder(dim: int, depth: int, heads: int, img_size: int, checkpoint: bool):
@@ -272,18 +277,22 @@ def timm_builder(dim: int, depth: int, heads: int, img_size: int, checkpoint: bo
     return build
 
 
-def _side_builders(side, variant, overrides, kwargs, img_size):
-    """[(row name, stored_blocks or None, build)] for one side of one ViT size."""
+def _side_builders(side, variant, overrides, kwargs, img_size, batches):
+    """[(row name, stored_blocks or None, build, batches)] for one side of one ViT size."""
     if side in MODES:
-        return [(side, None, vit_builder(variant, overrides, side))]
+        return [(side, None, vit_builder(variant, overrides, side), batches)]
     if side == "hybrid":
         depth = kwargs["depth"]
         return [(f"hybrid_k{k}", k, vit_builder(variant, overrides, "reversible",
-                                                stored_blocks=k))
+                                                stored_blocks=k), batches)
                 for k in (depth // 4, depth // 2)]
+    if side == "chunked":
+        return [(f"chunked_m{CHUNK}", None, vit_builder(variant, overrides, "reversible",
+                                                         rev_backward_chunk=CHUNK),
+                 CHUNK_BATCHES)]
     return [(side, None, timm_builder(kwargs["embed_dim"], kwargs["depth"],
                                       kwargs["num_heads"], img_size,
-                                      checkpoint=side == "timm_checkpoint"))]
+                                      checkpoint=side == "timm_checkpoint"), batches)]
 
 
 def vit_rows(sizes, sides, dtypes, img_size, batches, log) -> list:
@@ -295,16 +304,47 @@ def vit_rows(sizes, sides, dtypes, img_size, batches, log) -> list:
             overrides["img_size"] = img_size
         for dtype in dtypes:
             for side in sides:
-                for name, k, build in _side_builders(side, variant, overrides, kwargs, img_size):
+                for name, k, build, bs in _side_builders(side, variant, overrides, kwargs,
+                                                         img_size, batches):
                     t0 = time.perf_counter()
                     res = per_image(build, classification_inputs(img_size, 1000),
-                                    classification_loss, batches, dtype)
+                                    classification_loss, bs, dtype)
                     paper = PAPER.get(size, {}).get(side) if dtype == "float32" else None
                     rows.append(dict(model=size, depth=kwargs["depth"], side=name, dtype=dtype,
-                                     stored_blocks=k, paper_mb_per_image=paper, **res))
+                                     stored_blocks=k, batches=list(bs),
+                                     paper_mb_per_image=paper, **res))
                     log(f"{size} {dtype} {name}: {res['mib_per_image']:.2f} MiB/image "
                         f"(constant {res['constant_mib']:.0f} MiB) "
                         f"[{time.perf_counter() - t0:.0f} s]")
+    return rows
+
+
+def budget_rows(vit: list, dtypes, img_size, log) -> list:
+    """``revvit_d2.modeling.budget.estimate_stored_blocks_memory`` (what autograd saves, counted
+    on fake tensors, plus one block's working set; the estimate ``choose_stored_blocks`` uses)
+    for ViT-B beside this simulation's per-image figure for the same ``stored_blocks`` (0 =
+    reversible, depth = plain autograd)."""
+    from revvit_d2.modeling.budget import estimate_stored_blocks_memory
+
+    rows = []
+    variant, overrides = SIZES["vit_b"]
+    model = revvit_d2.create_model(variant, num_classes=1000, drop_path_rate=0.0, **overrides)
+    depth = len(model.reversible_blocks())
+    for dtype in dtypes:
+        sim = {r["stored_blocks"]: r["mib_per_image"] for r in vit
+               if r["model"] == "vit_b" and r["dtype"] == dtype and r["stored_blocks"]}
+        sim.update({0: r["mib_per_image"] for r in vit if (r["model"], r["dtype"], r["side"])
+                    == ("vit_b", dtype, "reversible")})
+        sim.update({depth: r["mib_per_image"] for r in vit if (r["model"], r["dtype"],
+                                                                r["side"]) == ("vit_b", dtype,
+                                                                               "plain")})
+        est = estimate_stored_blocks_memory(model, (3, img_size, img_size),
+                                            DTYPES[dtype] or torch.float32)
+        for k in sorted(sim):
+            rows.append(dict(model="vit_b", dtype=dtype, stored_blocks=k,
+                             estimate_mib=est[k] / MIB, simulated_mib=sim[k]))
+            log(f"budget vit_b {dtype} k={k}: estimate {est[k] / MIB:.1f}, "
+                f"simulated {sim[k]:.1f} MiB/image")
     return rows
 
 
@@ -403,7 +443,9 @@ def write_markdown(path: Path, result: dict):
         "autograd); *checkpoint* = the same with `act_checkpoint=True` (one "
         "`torch.utils.checkpoint` per block); *reversible* = the reversible backward; "
         "*hybrid_kN* = reversible with `stored_blocks=N` (the last N blocks keep their "
-        "activations); *timm* / *timm_checkpoint* = timm's ViT as benchmarks/memory_speed.py "
+        "activations); *chunked_m4* = reversible with `rev_backward_chunk=4` (the backward "
+        f"in chunks of 4 samples; batches {CHUNK_BATCHES[0]} and {CHUNK_BATCHES[1]}); "
+        "*timm* / *timm_checkpoint* = timm's ViT as benchmarks/memory_speed.py "
         "builds its baseline (no class token, average pooling; one stream of width C where "
         "Rev-ViT carries two of width C), without and with `set_grad_checkpointing`.",
         "",
@@ -436,6 +478,22 @@ def write_markdown(path: Path, result: dict):
     if not st["hybrid"]:
         lines += ["", "Hybrid rows (`stored_blocks=k`) absent: the option was not in this "
                   "checkout's engine when the run was made."]
+    if result.get("budget"):
+        lines += [
+            "",
+            "The hybrid's budget estimate (`revvit_d2.modeling.budget."
+            "estimate_stored_blocks_memory`: what autograd saves, counted on fake tensors, "
+            "plus one block's working set) beside the simulated per-image figure for the same "
+            "`stored_blocks` k (0 = reversible, depth = plain autograd), ViT-B:",
+            "",
+            "| dtype | k | budget estimate MiB/image | simulated MiB/image | estimate / "
+            "simulated |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in result["budget"]:
+            lines.append(f"| {r['dtype']} | {r['stored_blocks']} | {r['estimate_mib']:.1f} "
+                         f"| {r['simulated_mib']:.1f} | "
+                         f"{r['estimate_mib'] / r['simulated_mib']:.2f} |")
     lines += [
         "",
         "The activation and temporary columns split the per-image figure as the tracker "
@@ -541,12 +599,15 @@ def merge(old: dict, new: dict, args) -> dict:
     order = {m: i for i, m in enumerate(SIZES)}
     new["vit"] = sorted(keep + new["vit"], key=lambda r: (
         order.get(r["model"], -1), DTYPES_ORDER[r["dtype"]],
-        SIDES.index(r["side"].split("_k")[0]), r["stored_blocks"] or 0))
+        SIDES.index(r["side"].split("_")[0] if r["side"].startswith(("hybrid", "chunked"))
+                    else r["side"]), r["stored_blocks"] or 0))
     for section, skipped in (("detector", args.no_detectors), ("validation", args.no_validate)):
         if skipped:
             new[section] = old[section]
     st = new["settings"]
-    st["sides"] = sorted(set(st["sides"]) | set(old["settings"].get("sides", MODES)), key=SIDES.index)
+    st["sides"] = sorted(set(st["sides"]) | set(old["settings"].get("sides", MODES)),
+                         key=SIDES.index)
+    new["budget"] = old.get("budget", [])
     st["hybrid"] = st["hybrid"] or old["settings"]["hybrid"]
     st["wall_seconds"] += old["settings"]["wall_seconds"]
     new["command"] = f"{old['command']}; then {new['command']}"
@@ -559,8 +620,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     sizes = SMOKE_SIZES if args.smoke else {k: SIZES[k] for k in args.sizes}
-    hybrid = hybrid_available()
-    sides = [s for s in args.sides if s != "hybrid" or hybrid]
+    hybrid = engine_has("stored_blocks")
+    sides = [s for s in args.sides if (s != "hybrid" or hybrid)
+             and (s != "chunked" or engine_has("rev_backward_chunk"))]
     det_size = 64 if args.smoke else args.detector_img_size
     result = dict(
         settings=dict(sizes={k: dict(variant=v, overrides=o) for k, (v, o) in sizes.items()},
@@ -574,6 +636,7 @@ def main(argv=None) -> int:
         command=" ".join(["python", "benchmarks/memory_model.py"] + list(argv)),
     )
     result["vit"] = vit_rows(sizes, sides, args.dtypes, args.img_size, args.batches, log)
+    result["budget"] = []
     result["detector"] = [] if args.no_detectors else detector_rows(
         det_size, args.dtypes, args.detector_batches, log,
         **(SMOKE_DETECTOR if args.smoke else {}))
@@ -582,6 +645,8 @@ def main(argv=None) -> int:
     result["settings"]["wall_seconds"] = time.perf_counter() - t0
     if args.merge:
         result = merge(json.loads(Path(args.merge).read_text()), result, args)
+    if hybrid and not args.smoke and "vit_b" in sizes and "hybrid" in sides:
+        result["budget"] = budget_rows(result["vit"], args.dtypes, args.img_size, log)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
