@@ -365,26 +365,38 @@ def detector_rows(img_size, dtypes, batches, log, parts=("trunk", "backbone"),
                 log(f"detector {variant} {part} {dtype} {img_size}: "
                     f"{res['mib_per_image']:.1f} MiB/image [{time.perf_counter() - t0:.0f} s]")
     return rows
+# Committed CPU peak-RSS runs of benchmarks/memory_vs_depth.py: its default run (width 192,
+# depths 4-48) and Rev-ViT-B at 12 blocks (python benchmarks/memory_vs_depth.py --model
+# rev_vit_b --width 0 --heads 0 --depths 12 --repeats 1 --json
+# docs/results/memory_model_rss_vit_b.json --markdown docs/results/memory_model_rss_vit_b.md).
+VALIDATION_SOURCES = ("memory_vs_depth.json", "memory_model_rss_vit_b.json")
+
+
 def validation_rows(log, depths=None) -> list:
     """The simulation of every configuration of the committed CPU peak-RSS measurements
-    (docs/results/memory_vs_depth.json; the trunk part of docs/results/detector_memory.json),
+    (VALIDATION_SOURCES; the trunk part of docs/results/detector_memory.json),
     without an optimizer as they were measured, with the ratio simulated / measured."""
     rows = []
-    ref = json.loads((ROOT / "docs/results/memory_vs_depth.json").read_text())
-    st = ref["settings"]
-    for mode in st["modes"]:
-        for depth in depths or st["depths"]:
-            overrides = dict(embed_dim=st["width"], num_heads=st["heads"], depth=depth)
-            res = per_image(vit_builder(st["model"], overrides, mode, num_classes=10),
-                            classification_inputs(st["img_size"], 10), classification_loss,
-                            st["batch_sizes"], "float32", optimizer=False)
-            measured = ref["per_sample_mib"][mode][str(depth)]
-            rows.append(dict(source="memory_vs_depth.json", model=st["model"], width=st["width"],
-                             depth=depth, side=mode, dtype="float32", img_size=st["img_size"],
-                             batches=st["batch_sizes"], simulated_mib=res["mib_per_image"],
-                             measured_mib=measured, ratio=res["mib_per_image"] / measured))
-            log(f"validate {mode} depth {depth}: simulated {res['mib_per_image']:.2f}, "
-                f"measured {measured:.2f} MiB/image")
+    for source in VALIDATION_SOURCES[:1] if depths else VALIDATION_SOURCES:
+        ref = json.loads((ROOT / "docs/results" / source).read_text())
+        st = ref["settings"]
+        for mode in st["modes"]:
+            for depth in depths or st["depths"]:
+                overrides = {k: v for k, v in (("embed_dim", st["width"]),
+                                               ("num_heads", st["heads"])) if v}
+                res = per_image(
+                    vit_builder(st["model"], dict(overrides, depth=depth), mode, num_classes=10),
+                    classification_inputs(st["img_size"], 10), classification_loss,
+                    st["batch_sizes"], "float32", optimizer=False)
+                measured = ref["per_sample_mib"][mode][str(depth)]
+                width = st["width"] or revvit_d2.modeling.get_model_kwargs(st["model"])[
+                    "embed_dim"]
+                rows.append(dict(source=source, model=st["model"], width=width, depth=depth,
+                                 side=mode, dtype="float32", img_size=st["img_size"],
+                                 batches=st["batch_sizes"], simulated_mib=res["mib_per_image"],
+                                 measured_mib=measured, ratio=res["mib_per_image"] / measured))
+                log(f"validate {st['model']} {mode} depth {depth}: simulated "
+                    f"{res['mib_per_image']:.2f}, measured {measured:.2f} MiB/image")
     ref = json.loads((ROOT / "docs/results/detector_memory.json").read_text())
     st = ref["settings"]
     if depths is None:
@@ -542,13 +554,14 @@ def write_markdown(path: Path, result: dict):
         "from fresh processes (`benchmarks/memory_vs_depth.py`, `benchmarks/detector_memory.py`"
         ", fp32). Acceptance: every ratio within 10% of 1.",
         "",
-        "| source | model | side | depth | batches | simulated MiB/image | measured MiB/image "
-        "| simulated / measured |",
-        "|---|---|---|---:|---|---:|---:|---:|",
+        "| source | model | width | side | depth | batches | simulated MiB/image "
+        "| measured MiB/image | simulated / measured |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for r in result["validation"]:
         lines.append(
-            f"| {r['source']} | {r['model']} | {r['side']} | {r.get('depth', '-')} "
+            f"| {r['source']} | {r['model']} | {r.get('width', 768)} | {r['side']} "
+            f"| {r.get('depth', '-')} "
             f"| {r['batches'][0]}, {r['batches'][1]} | {r['simulated_mib']:.2f} "
             f"| {r['measured_mib']:.2f} | {r['ratio']:.3f} |")
     if result["validation"]:
