@@ -94,18 +94,18 @@ DTYPES_ORDER = {d: i for i, d in enumerate(DTYPES)}
 # the simulation
 # --------------------------------------------------------------------------------------------
 
-def fake_model(build, fake_mode: FakeTensorMode) -> nn.Module:
+def fake_model(build, fake_mode: FakeTensorMode, device: str = "cpu") -> nn.Module:
     """``build()`` on the meta device (constructors may call ``.tolist()``, which a fake tensor
-    cannot answer), then every parameter and buffer replaced by an empty fake CPU tensor of the
-    same shape, dtype and ``requires_grad``. Weights do not matter to memory. A constructor that
-    reads a value even from a meta tensor (detectron2's ViT: ``linspace(...)[i].item()``) is
-    built on the CPU instead, real for a moment."""
+    cannot answer), then every parameter and buffer replaced by an empty fake tensor on
+    ``device`` of the same shape, dtype and ``requires_grad``. Weights do not matter to memory.
+    A constructor that reads a value even from a meta tensor (detectron2's ViT:
+    ``linspace(...)[i].item()``) is built on the CPU instead, real for a moment."""
     try:
         with torch.device("meta"):
             model = build()
     except RuntimeError:
         model = build()
-    with fake_mode:
+    with fake_mode, torch.device(device):
         for m in model.modules():
             for name, p in list(m._parameters.items()):
                 if p is not None:
@@ -135,7 +135,7 @@ def _tracked_peak(run, *external) -> dict:
 
 
 def simulate_step(build, make_inputs, loss_fn, batch: int, dtype: str = "float32",
-                  optimizer: bool = True, fake: bool = True) -> dict:
+                  optimizer: bool = True, fake: bool = True, device: str = "cpu") -> dict:
     """Peak memory (MiB by kind) of one simulated training step at ``batch``.
 
     Args:
@@ -144,22 +144,25 @@ def simulate_step(build, make_inputs, loss_fn, batch: int, dtype: str = "float32
         loss_fn: (model, *inputs) -> scalar loss.
         dtype: "float32", or "bfloat16" for bf16 autocast (weights and optimizer in fp32).
         optimizer: include AdamW (its state in the constant part, its step tracked on its own).
-        fake: False runs the same step on real CPU tensors (weights from the constructor), still
+        fake: False runs the same step on real tensors (weights from the constructor), still
             counted by the tracker: what the tests compare the simulation with.
+        device: "cpu", or "cuda" on a machine with a GPU (the fake CUDA tensors then take the
+            GPU's kernel choices; without a GPU, attention would take the math path).
 
     Returns {"step": peak of forward + backward, "optimizer_step": peak of the AdamW step or
     None}; each {kind: MiB}. With the optimizer the warm-up step leaves gradients and AdamW
     state allocated, so "step" holds them; without it only the gradients.
     """
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
-    model = fake_model(build, fake_mode) if fake else build().train()
+    model = fake_model(build, fake_mode, device) if fake else build().to(device).train()
     autocast = DTYPES[dtype]
-    with fake_mode:
+    with fake_mode, torch.device(device):
         inputs = make_inputs(batch)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer else None
 
         def forward_backward():
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            with torch.autocast(torch.device(device).type, dtype=autocast,
+                                enabled=autocast is not None):
                 loss = loss_fn(model, *inputs)
             loss.backward()
 
@@ -173,11 +176,11 @@ def simulate_step(build, make_inputs, loss_fn, batch: int, dtype: str = "float32
 
 
 def per_image(build, make_inputs, loss_fn, batches, dtype="float32", optimizer=True,
-              fake=True) -> dict:
+              fake=True, device="cpu") -> dict:
     """Per-image memory from two simulated batch sizes, the constant part, and the raw peaks."""
     b1, b2 = batches
-    lo = simulate_step(build, make_inputs, loss_fn, b1, dtype, optimizer, fake)
-    hi = simulate_step(build, make_inputs, loss_fn, b2, dtype, optimizer, fake)
+    lo = simulate_step(build, make_inputs, loss_fn, b1, dtype, optimizer, fake, device)
+    hi = simulate_step(build, make_inputs, loss_fn, b2, dtype, optimizer, fake, device)
     slope = {k: (hi["step"][k] - lo["step"][k]) / (b2 - b1) for k in KINDS + ("Total",)}
     constant = {k: lo["step"][k] for k in CONSTANT_KINDS}
     out = dict(
@@ -295,7 +298,7 @@ def _side_builders(side, variant, overrides, kwargs, img_size, batches):
                                       checkpoint=side == "timm_checkpoint"), batches)]
 
 
-def vit_rows(sizes, sides, dtypes, img_size, batches, log) -> list:
+def vit_rows(sizes, sides, dtypes, img_size, batches, log, device="cpu") -> list:
     rows = []
     for size, (variant, overrides) in sizes.items():
         kwargs = dict(revvit_d2.modeling.get_model_kwargs(variant), **overrides)
@@ -308,7 +311,7 @@ def vit_rows(sizes, sides, dtypes, img_size, batches, log) -> list:
                                                          img_size, batches):
                     t0 = time.perf_counter()
                     res = per_image(build, classification_inputs(img_size, 1000),
-                                    classification_loss, bs, dtype)
+                                    classification_loss, bs, dtype, device=device)
                     paper = PAPER.get(size, {}).get(side) if dtype == "float32" else None
                     rows.append(dict(model=size, depth=kwargs["depth"], side=name, dtype=dtype,
                                      stored_blocks=k, batches=list(bs),
@@ -595,6 +598,9 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, nargs=2, default=[2, 6])
     p.add_argument("--detector-img-size", type=int, default=1024)
     p.add_argument("--detector-batches", type=int, nargs=2, default=[1, 2])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="device of the fake tensors of the ViT rows; cuda needs a GPU, whose "
+                        "kernel choices (attention) the simulation then follows")
     p.add_argument("--no-detectors", action="store_true")
     p.add_argument("--no-validate", action="store_true")
     p.add_argument("--smoke", action="store_true",
@@ -627,9 +633,18 @@ def merge(old: dict, new: dict, args) -> dict:
     return new
 
 
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return f"cuda (fake tensors; kernel choices of {torch.cuda.get_device_name()})"
+    return "cpu (fake tensors)"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("memory_model: --device cuda needs a GPU (without one, fake CUDA tensors take "
+                 "the math attention path, which no GPU run would take)")
     t0 = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     sizes = SMOKE_SIZES if args.smoke else {k: SIZES[k] for k in args.sizes}
@@ -644,11 +659,12 @@ def main(argv=None) -> int:
                       detector_batches=args.detector_batches,
                       detector_variants=list(detector_memory.VARIANTS), hybrid=hybrid,
                       optimizer="AdamW", smoke=args.smoke, simulated=True,
-                      device="cpu (fake tensors)"),
+                      device=_device_name(args.device)),
         machine=machine_info(),
         command=" ".join(["python", "benchmarks/memory_model.py"] + list(argv)),
     )
-    result["vit"] = vit_rows(sizes, sides, args.dtypes, args.img_size, args.batches, log)
+    result["vit"] = vit_rows(sizes, sides, args.dtypes, args.img_size, args.batches, log,
+                             args.device)
     result["budget"] = []
     result["detector"] = [] if args.no_detectors else detector_rows(
         det_size, args.dtypes, args.detector_batches, log,
