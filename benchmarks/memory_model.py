@@ -20,7 +20,18 @@ One simulated step, at batch size b:
 3. the AdamW step under another tracker: its peak (moments + the step's temporaries).
 
 Per image = (peak(b2) - peak(b1)) / (b2 - b1): everything that does not grow with the batch
-cancels. The constant part (parameters + gradients + AdamW state) is reported on its own.
+cancels. The constant part (parameters + gradients + AdamW state) is reported on its own, and
+so is the fixed working memory the straight line through the two peaks leaves at batch 0
+beyond it (the reversible backward's parameter gradients, for instance, exist as temporaries
+until autograd adds them into ``.grad``: one more copy of the blocks' gradients while ``.grad``
+is kept allocated, none with ``zero_grad(set_to_none=True)``, where autograd takes them over).
+
+The ViT rows use large batches (32 and 64 by default; fake tensors make them free). The peak
+is the larger of two candidates, the end of the forward (everything saved) and the reversible
+backward (its working set plus fixed-size gradients); with the hybrid (``stored_blocks``) the
+first grows faster with the batch but starts lower, and at small batches the second wins at
+both batch sizes, so the difference would miss the stored blocks. At large batches the
+per-image figure is the one that decides the largest batch that fits.
 
 What the simulation does not model: allocator caching and fragmentation (a GPU's
 ``max_memory_reserved`` exceeds the tensor peak, and the CUDA allocator rounds each block up to
@@ -29,9 +40,10 @@ where ``scaled_dot_product_attention`` picks the fused (flash) CPU kernel, which
 fused kernels saves the output and the log-sum-exp rather than the attention matrix (a fake
 *CUDA* tensor would take the math path, which keeps the matrix: wrong for a real GPU).
 
-Validation (``--validate``): the same simulation for the configurations of the committed CPU
-peak-RSS measurement ``docs/results/memory_vs_depth.json`` (width 192, 3 heads, depths 4 to 48,
-batches 2 and 6, fp32, no optimizer, as measured), with the ratio per configuration.
+Validation (unless ``--no-validate``): the same simulation for the configurations of the
+committed CPU peak-RSS measurements (``VALIDATION_SOURCES``: width 192, depths 4 to 48; Rev-ViT-B
+at 12 blocks; the detector trunks at 512x512; their batches, fp32, no optimizer, as measured),
+with the ratio per configuration.
 
 Examples::
 
@@ -187,6 +199,9 @@ def per_image(build, make_inputs, loss_fn, batches, dtype="float32", optimizer=T
         mib_per_image=slope["Total"],
         mib_per_image_by_kind={k: slope[k] for k in ("Activation", "Temp", "Other")},
         constant_mib=sum(constant.values()), constant_by_kind_mib=constant,
+        # what the straight line through the two peaks adds at batch 0 beyond the constant
+        # part: fixed-size working memory (e.g. gradients held before they reach .grad)
+        fixed_mib=lo["step"]["Total"] - b1 * slope["Total"] - sum(constant.values()),
         peaks_mib={str(b1): lo, str(b2): hi},
     )
     if optimizer:
@@ -445,12 +460,17 @@ def write_markdown(path: Path, result: dict):
         "not on the machine. Method and limits: `benchmarks/memory_model.py` (docstring) and "
         "[performance.md](../performance.md#memory-model-simulated).",
         "",
-        f"Per image = (peak at batch {b2} - peak at batch {b1}) / {b2 - b1}, peak of forward + "
+        f"Per image = (peak at batch {b2} - peak at batch {b1}) / {b2 - b1} (ViT rows; other "
+        "batches where stated), peak of forward + "
         "loss + backward in the step after a warm-up (gradients and AdamW state already "
         "allocated; `zero_grad(set_to_none=False)`). *Constant* = parameters + gradients + "
         "AdamW state (fp32 weights and optimizer in both dtypes; bf16 = `torch.autocast`). "
+        "*Fixed* = peak at the smaller batch - batch x per-image - constant: fixed-size "
+        "working memory at the peak (with the reversible backward mostly the blocks' parameter "
+        "gradients, held until autograd adds them into the kept `.grad`). "
         "*AdamW step* = peak during `optimizer.step()` at the smaller batch (the constant part "
-        "plus the step's temporaries). MiB = 2^20 bytes.",
+        "plus the step's temporaries). Peak memory of a step at batch b, simulated = constant "
+        "+ fixed + b x per image (or the AdamW step peak, if larger). MiB = 2^20 bytes.",
         "",
         f"## ViT-B/L/H, {st['img_size']}x{st['img_size']}, 1000 classes, drop path 0",
         "",
@@ -465,15 +485,15 @@ def write_markdown(path: Path, result: dict):
         "Rev-ViT carries two of width C), without and with `set_grad_checkpointing`.",
         "",
         "| model | dtype | side | MiB/image (simulated) | activations + temporaries + input "
-        "| constant MiB | AdamW step peak MiB | paper MB/image (measured, fp32) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| constant MiB | fixed MiB | AdamW step peak MiB | paper MB/image (measured, fp32) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["vit"]:
         kinds = r["mib_per_image_by_kind"]
         lines.append(
             f"| {r['model']} ({r['depth']} blocks) | {r['dtype']} | {r['side']} "
             f"| **{r['mib_per_image']:.1f}** | {kinds['Activation']:.1f} + {kinds['Temp']:.1f} + "
-            f"{kinds['Other']:.2f} | {r['constant_mib']:.0f} | "
+            f"{kinds['Other']:.2f} | {r['constant_mib']:.0f} | {r.get('fixed_mib', 0):.0f} | "
             f"{r['optimizer_step_peak_mib']:.0f} | {_f(r['paper_mb_per_image'])} |")
     lines += ["", "Ratios, simulated (plain / other side, same model and dtype):", ""]
     by = {(r["model"], r["dtype"], r["side"]): r["mib_per_image"] for r in result["vit"]}
@@ -587,15 +607,17 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs/results/memory_model"),
                    help="writes OUT.json and OUT.md")
-    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES),
                    help="hybrid: stored_blocks = depth/4 and depth/2 (skipped when the engine "
                         "has no such option)")
-    p.add_argument("--merge", metavar="JSON",
-                   help="keep the rows of this earlier result that this run does not recompute")
+    p.add_argument("--merge", metavar="JSON", nargs="+",
+                   help="keep the rows of these earlier results that this run does not "
+                        "recompute (the later file wins)")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batches", type=int, nargs=2, default=[2, 6])
+    p.add_argument("--batches", type=int, nargs=2, default=[32, 64],
+                   help="the two batch sizes of the ViT rows (large: see the docstring)")
     p.add_argument("--detector-img-size", type=int, default=1024)
     p.add_argument("--detector-batches", type=int, nargs=2, default=[1, 2])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -621,12 +643,12 @@ def merge(old: dict, new: dict, args) -> dict:
         SIDES.index(r["side"].split("_")[0] if r["side"].startswith(("hybrid", "chunked"))
                     else r["side"]), r["stored_blocks"] or 0))
     for section, skipped in (("detector", args.no_detectors), ("validation", args.no_validate)):
-        if skipped:
+        if skipped and not new[section]:
             new[section] = old[section]
     st = new["settings"]
     st["sides"] = sorted(set(st["sides"]) | set(old["settings"].get("sides", MODES)),
                          key=SIDES.index)
-    new["budget"] = old.get("budget", [])
+    new["budget"] = new.get("budget") or old.get("budget", [])
     st["hybrid"] = st["hybrid"] or old["settings"]["hybrid"]
     st["wall_seconds"] += old["settings"]["wall_seconds"]
     new["command"] = f"{old['command']}; then {new['command']}"
@@ -672,8 +694,8 @@ def main(argv=None) -> int:
     result["validation"] = [] if args.no_validate else validation_rows(
         log, depths=[4] if args.smoke else None)
     result["settings"]["wall_seconds"] = time.perf_counter() - t0
-    if args.merge:
-        result = merge(json.loads(Path(args.merge).read_text()), result, args)
+    for path in reversed(args.merge or []):
+        result = merge(json.loads(Path(path).read_text()), result, args)
     if hybrid and not args.smoke and "vit_b" in sizes and "hybrid" in sides:
         result["budget"] = budget_rows(result["vit"], args.dtypes, args.img_size, log)
     out = Path(args.out)
