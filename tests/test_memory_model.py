@@ -35,6 +35,21 @@ def test_reversible_flat_in_depth_plain_grows():
     assert plain[1] > 3 * rev[1], (plain, rev)
 
 
+@pytest.mark.skipif(not memory_model.engine_has("stored_blocks"), reason="no hybrid engine")
+def test_hybrid_between_reversible_and_plain():
+    """At large batches (where the stored blocks' activations decide the peak) the hybrid with
+    half the blocks stored sits between the reversible and the plain model."""
+    def mib(mode, **extra):
+        build = memory_model.vit_builder("rev_vit_test", dict(TINY, depth=4), mode,
+                                         num_classes=10, **extra)
+        return memory_model.per_image(build, memory_model.classification_inputs(64, 10),
+                                      memory_model.classification_loss, (32, 64),
+                                      optimizer=False)["mib_per_image"]
+
+    rev, hybrid, plain = mib("reversible"), mib("reversible", stored_blocks=2), mib("plain")
+    assert rev < hybrid < plain, (rev, hybrid, plain)
+
+
 def test_constant_part_is_params_grads_and_adamw_state():
     res = _per_image("reversible", 2)
     kinds = res["constant_by_kind_mib"]
