@@ -384,10 +384,12 @@ def detector_rows(img_size, dtypes, batches, log, parts=("trunk", "backbone"),
                     f"{res['mib_per_image']:.1f} MiB/image [{time.perf_counter() - t0:.0f} s]")
     return rows
 # Committed CPU peak-RSS runs of benchmarks/memory_vs_depth.py: its default run (width 192,
-# depths 4-48) and Rev-ViT-B at 12 blocks (python benchmarks/memory_vs_depth.py --model
-# rev_vit_b --width 0 --heads 0 --depths 12 --repeats 1 --json
-# docs/results/memory_model_rss_vit_b.json --markdown docs/results/memory_model_rss_vit_b.md).
-VALIDATION_SOURCES = ("memory_vs_depth.json", "memory_model_rss_vit_b.json")
+# depths 4-48) and Rev-ViT-B at 12 blocks, batches 2 and 6 and batches 8 and 24
+# (python benchmarks/memory_vs_depth.py --model rev_vit_b --width 0 --heads 0 --depths 12
+# --repeats 1 [--batch-sizes 8 24] --json docs/results/memory_model_rss_vit_b[_large].json
+# --markdown docs/results/memory_model_rss_vit_b[_large].md).
+VALIDATION_SOURCES = ("memory_vs_depth.json", "memory_model_rss_vit_b.json",
+                      "memory_model_rss_vit_b_large.json")
 
 
 def validation_rows(log, depths=None) -> list:
