@@ -73,7 +73,8 @@ def test_simulation_equals_real_cpu_run(mode, dtype):
 def test_smoke_writes_report(tmp_path):
     out = tmp_path / "mm"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--no-detectors",
-                           "--dtypes", "float32", "--out", str(out)],
+                           "--sides", "plain", "reversible", "--dtypes", "float32",
+                           "--out", str(out)],
                           capture_output=True, text=True, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.with_suffix(".json").read_text())
