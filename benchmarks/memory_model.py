@@ -469,7 +469,8 @@ def write_markdown(path: Path, result: dict):
         "AdamW state (fp32 weights and optimizer in both dtypes; bf16 = `torch.autocast`). "
         "*Fixed* = peak at the smaller batch - batch x per-image - constant: fixed-size "
         "working memory at the peak (with the reversible backward mostly the blocks' parameter "
-        "gradients, held until autograd adds them into the kept `.grad`). "
+        "gradients, held until autograd adds them into the kept `.grad`; under bf16 autocast "
+        "also the bf16 copies of the weights). "
         "*AdamW step* = peak during `optimizer.step()` at the smaller batch (the constant part "
         "plus the step's temporaries). Peak memory of a step at batch b, simulated = constant "
         "+ fixed + b x per image (or the AdamW step peak, if larger). MiB = 2^20 bytes.",
@@ -610,8 +611,12 @@ def write_markdown(path: Path, result: dict):
         lines += ["", f"Largest deviation: {worst * 100:.1f}% "
                   f"({'within' if worst <= 0.10 else 'outside'} 10%)."]
     m = result["machine"]
+    parts = result["command"].split("; then ")
+    how = (f"`{parts[0]}`" if len(parts) == 1 else
+           "`python benchmarks/memory_model.py` run in parts and merged (" +
+           "; ".join(f"`{c}`" for c in parts) + ")")
     lines += ["", f"Simulated with torch {m['torch']}, Python {m['python']}, {m['date']}, by "
-              f"`{result['command']}` in {result['settings']['wall_seconds']:.0f} s. "
+              f"{how} in {result['settings']['wall_seconds']:.0f} s. "
               f"Raw numbers (peaks by kind at both batch sizes): `{path.stem}.json`.", ""]
     path.write_text("\n".join(lines))
 
