@@ -38,7 +38,10 @@ What the simulation does not model: allocator caching and fragmentation (a GPU's
 512 bytes), cuBLAS/cuDNN workspaces, the CUDA context. The simulation runs on the CPU device,
 where ``scaled_dot_product_attention`` picks the fused (flash) CPU kernel, which like a GPU's
 fused kernels saves the output and the log-sum-exp rather than the attention matrix (a fake
-*CUDA* tensor would take the math path, which keeps the matrix: wrong for a real GPU).
+*CUDA* tensor would take the math path, which keeps the matrix: wrong for a real GPU, so
+``--device cuda`` is refused without one). The detectors' RPN and ROI heads are not simulated:
+detectron2 reads image sizes and selects boxes from tensor values (``ImageList.from_tensors``,
+anchor matching, NMS), which fake tensors do not have; the trunk and the trunk + pyramid are.
 
 Validation (unless ``--no-validate``): the same simulation for the configurations of the
 committed CPU peak-RSS measurements (``VALIDATION_SOURCES``: width 192, depths 4 to 48; Rev-ViT-B
@@ -48,7 +51,12 @@ with the ratio per configuration.
 Examples::
 
     python benchmarks/memory_model.py                  # docs/results/memory_model.{json,md}
-    python benchmarks/memory_model.py --smoke --out /tmp/mm      # tiny sizes, seconds
+    python benchmarks/memory_model.py --smoke --out /tmp/mm      # tiny sizes, under a minute
+    # in parts (e.g. on two cores), then merged without recomputing:
+    python benchmarks/memory_model.py --sizes vit_h --no-detectors --no-validate --out /tmp/h
+    python benchmarks/memory_model.py --sizes vit_b vit_l --out /tmp/bl
+    python benchmarks/memory_model.py --sizes --no-detectors --no-validate \
+        --merge /tmp/bl.json /tmp/h.json
 """
 import argparse
 import contextlib
