@@ -23,18 +23,24 @@ key) in the training process and records after each batch where it is (``state_d
 iteration, epoch, position); a run resumed from a checkpoint holding that state continues with
 exactly the batches the uninterrupted run would have had.
 
-Faults. Unreadable videos are reported by the datasets (:mod:`revvit_video.datasets`); the
-loaders log each once per file and count them (``loader.skipped``).
+Faults. Entries that cannot be used (unreadable, missing or empty files, no video stream, too
+short for one clip at the sampling, clips that decode to no frame, malformed list lines, labels
+out of range) are reported by the datasets (:mod:`revvit_video.datasets`); the loaders log each
+with its reason the first time this process meets it and count distinct entries per reason
+(``loader.skipped``, :meth:`VideoTestLoader.skipped_entries`). A video is too short when it
+ends before the last frame of a clip: ``(num_frames - 1) * sampling_rate / target_fps`` seconds
+(:func:`min_video_duration`; a shorter video would give a clip of repeated frames).
 
 The dataset names (``SkipCountingVideoDataset``, ``TrainClipDataset``, ``read_video_list``, ...)
 are importable from here too.
 """
 import functools
+import collections
 import itertools
 import logging
 import math
 from fractions import Fraction
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from pytorchvideo.data import make_clip_sampler
@@ -43,8 +49,9 @@ from torch.utils.data import DataLoader, Sampler
 from revvit_d2.utils.seeding import derive_seed
 
 from .datasets import __all__ as _DATASET_NAMES
-from .datasets import (ShardSampler, SkipCountingVideoDataset, SkipRecord,  # noqa: F401
-                       TrainClipDataset, collate_video_batch, kinetics_dataset, read_video_list)
+from .datasets import (SKIP_REASONS, ShardSampler, SkipCountingVideoDataset,  # noqa: F401
+                       SkipRecord, TrainClipDataset, VideoList, collate_video_batch,
+                       kinetics_dataset, read_video_list)
 from .transforms import build_test_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -56,6 +63,8 @@ __all__ = [
     "build_kinetics_train_loader",
     "build_kinetics_test_loader",
     "clip_duration",
+    "min_video_duration",
+    "format_skip_counts",
     "iters_per_epoch",
 ] + _DATASET_NAMES
 
@@ -69,6 +78,23 @@ def clip_duration(num_frames: int, sampling_rate: int, target_fps: float) -> Fra
     return Fraction(int(num_frames) * int(sampling_rate)) / Fraction(target_fps)
 
 
+def min_video_duration(num_frames: int, sampling_rate: int, target_fps: float) -> float:
+    """Seconds a video needs for one clip: its last frame is ``(num_frames - 1) *
+    sampling_rate`` frames at ``target_fps`` after its first."""
+    return (int(num_frames) - 1) * int(sampling_rate) / float(target_fps)
+
+
+def format_skip_counts(counts: Mapping[str, int]) -> str:
+    """``"2 file not found, 1 no video stream"`` (largest first), or ``"none"``."""
+    items = sorted(((n, r) for r, n in counts.items() if n), key=lambda x: (-x[0], x[1]))
+    return ", ".join(f"{n} {r}" for n, r in items) or "none"
+
+
+def skip_counts(entries: Mapping[str, str]) -> Dict[str, int]:
+    """``{reason: distinct entries}`` of ``{entry: reason}``."""
+    return dict(collections.Counter(entries.values()))
+
+
 def _dist_info():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -76,20 +102,44 @@ def _dist_info():
 
 
 
+# (what, path) already logged by this process: a file is named once however many loaders (one
+# test loader per evaluation) or epochs meet it.
+_WARNED: Set[Tuple[str, str]] = set()
+
+
 class _SkipLog:
-    """Logs each unreadable file once (per loader) and counts skip events and files."""
+    """The entries one loader could not use: each logged the first time this process meets it
+    (one warning: path, reason, detail), counted once (:attr:`first`: entry -> first
+    :class:`SkipRecord`); :attr:`events` counts every skip."""
 
     def __init__(self, what: str):
         self.what = what
-        self.paths: Set[str] = set()
+        self.first: Dict[str, SkipRecord] = {}
         self.events = 0
+
+    @property
+    def paths(self):
+        """The distinct entries skipped (video files, or ``<list>:<line>``)."""
+        return self.first.keys()
+
+    def entries(self) -> Dict[str, str]:
+        """``{entry: reason}``."""
+        return {p: r.reason for p, r in self.first.items()}
+
+    def counts(self) -> Dict[str, int]:
+        """``{reason: distinct entries}``."""
+        return skip_counts(self.entries())
 
     def add(self, records: Sequence[SkipRecord]):
         for r in records:
             self.events += 1
-            if r.path not in self.paths:
-                self.paths.add(r.path)
-                logger.warning("skipping %s video %s: %s", self.what, r.path, r.reason)
+            if r.path in self.first:
+                continue
+            self.first[r.path] = r
+            if (self.what, r.path) not in _WARNED:
+                _WARNED.add((self.what, r.path))
+                logger.warning("skipping %s video %s: %s%s", self.what, r.path, r.reason,
+                               f" ({r.detail})" if r.detail else "")
 
 
 def _make_loader(dataset, batch_size, num_workers, pin_memory):
@@ -134,14 +184,15 @@ class VideoTrainLoader:
         self.pin_memory = bool(pin_memory)
         self.start_iter = 0
         self.skipped = _SkipLog("training")
+        self.skipped.add(getattr(dataset.labeled_video_paths, "rejected", ()))
         self.epoch = 0
         self._cursor: Dict[str, int] = {}
         self._resume: Dict[str, int] = {}
 
     @property
     def num_videos(self) -> int:
-        """Videos in the list (all ranks)."""
-        return len(self.dataset.labeled_video_paths)
+        """Entries of the list (all ranks), the rejected lines included."""
+        return _num_entries(self.dataset.labeled_video_paths)
 
     def state_dict(self) -> Dict[str, int]:
         """``{"iteration", "epoch", "position"}`` of the last batch handed out (empty before)."""
@@ -184,8 +235,9 @@ class VideoTrainLoader:
                     misses += 1
                     if misses >= len(self.dataset):
                         raise NoReadableVideoError(
-                            f"no training video could be read in a whole pass over "
-                            f"{self.num_videos} videos ({len(self.skipped.paths)} unreadable)")
+                            f"no training video could be used in a whole pass over "
+                            f"{self.num_videos} list entries ({len(self.skipped.paths)} "
+                            f"skipped: {format_skip_counts(self.skipped.counts())})")
                     continue
                 misses = 0
                 pending.append(sample)
@@ -208,9 +260,10 @@ class VideoTestLoader:
     """One ordered pass over the test views of this rank's share of the videos.
 
     Attributes:
-        num_videos: videos in the list (all ranks).
+        num_videos: entries of the list (all ranks), the rejected lines included.
         views_per_video: ``num_clips * num_crops``.
-        skipped: :class:`_SkipLog` of this rank (paths and events).
+        skipped: :class:`_SkipLog` of this rank's last pass (every entry met with a problem,
+            also those of which some views were made: see :meth:`skipped_entries`).
     """
 
     def __init__(self, dataset: SkipCountingVideoDataset, batch_size: int, num_workers: int,
@@ -219,16 +272,37 @@ class VideoTestLoader:
         self.views_per_video = int(views_per_video)
         self.loader = _make_loader(dataset, batch_size, num_workers, pin_memory)
         self.skipped = _SkipLog("test")
+        self._viewed: Set[int] = set()
 
     @property
     def num_videos(self) -> int:
-        return len(self.dataset.labeled_video_paths)
+        return _num_entries(self.dataset.labeled_video_paths)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         self.skipped = _SkipLog("test")
+        self._viewed = set()
+        self.skipped.add(getattr(self.dataset.labeled_video_paths, "rejected", ()))
         for batch in self.loader:
             self.skipped.add(batch["skipped"])
+            if batch["video_index"] is not None:
+                self._viewed.update(batch["video_index"].tolist())
             yield batch
+
+    def skipped_entries(self) -> Dict[str, str]:
+        """``{entry: reason}`` of the last pass: the entries of this rank's share without any
+        view (a video some of whose clips failed is not skipped: it counts as incomplete) and
+        the rejected list lines (every rank has them)."""
+        viewed = {self.dataset.video_path(i) for i in self._viewed}
+        out = {p: r for p, r in self.skipped.entries().items() if p not in viewed}
+        for i in self.dataset.video_sampler:  # this rank's share
+            path = self.dataset.video_path(i)
+            if i not in self._viewed and path not in viewed:
+                out.setdefault(path, "no clip made")
+        return out
+
+
+def _num_entries(paths) -> int:
+    return int(getattr(paths, "num_entries", len(paths)))
 
 
 def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, sampling_rate: int = 4,
@@ -240,7 +314,8 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
                                 std: Sequence[float] = (0.225, 0.225, 0.225),
                                 total_batch_size: int = 64, num_workers: int = 8,
                                 seed: int = 0, video_path_prefix: Optional[str] = None,
-                                pin_memory: Optional[bool] = None) -> VideoTrainLoader:
+                                pin_memory: Optional[bool] = None,
+                                num_classes: Optional[int] = None) -> VideoTrainLoader:
     """Training loader of the official recipe (random clip, scale/aspect jitter, flip).
 
     Args:
@@ -255,6 +330,8 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
             clip times and augmentations (see :class:`TrainClipDataset`).
         video_path_prefix: prefix of relative list paths (default: the list file's folder).
         pin_memory: default: when CUDA is available.
+        num_classes: list lines with a label outside ``[0, num_classes)`` are skipped
+            (tools/run_video.py sets it from the model).
     """
     world, rank = _dist_info()
     if int(total_batch_size) % world:
@@ -264,9 +341,10 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
     transform = build_train_transform(num_frames, crop_size, jitter_scales_relative,
                                       jitter_aspect_relative, hflip_prob, mean, std)
     dataset = TrainClipDataset(
-        read_video_list(data_path, video_path_prefix),
+        read_video_list(data_path, video_path_prefix, num_classes),
         make_clip_sampler("random", clip_duration(num_frames, sampling_rate, target_fps)),
-        transform, seed=int(seed), num_replicas=world, rank=rank)
+        transform, seed=int(seed), num_replicas=world, rank=rank,
+        min_duration=min_video_duration(num_frames, sampling_rate, target_fps))
     per_rank = len(dataset)
     if per_rank < batch:
         logger.warning("%d videos per process but %d clips per batch: an epoch is one batch",
@@ -282,7 +360,8 @@ def build_kinetics_test_loader(data_path: str, *, num_frames: int = 16, sampling
                                std: Sequence[float] = (0.225, 0.225, 0.225),
                                batch_size: int = 8, num_workers: int = 8,
                                video_path_prefix: Optional[str] = None,
-                               pin_memory: Optional[bool] = None) -> VideoTestLoader:
+                               pin_memory: Optional[bool] = None,
+                               num_classes: Optional[int] = None) -> VideoTestLoader:
     """Multi-view test loader: ``num_clips`` uniform clips x ``num_crops`` crops per video.
 
     Args:
@@ -294,6 +373,7 @@ def build_kinetics_test_loader(data_path: str, *, num_frames: int = 16, sampling
         short_side, crop_size, mean, std: see
             :func:`revvit_video.transforms.build_test_transform`.
         batch_size: views per batch and process.
+        num_classes: list lines with a label outside ``[0, num_classes)`` are skipped.
     """
     if int(num_crops) not in (1, 3):
         raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
@@ -305,7 +385,8 @@ def build_kinetics_test_loader(data_path: str, *, num_frames: int = 16, sampling
         data_path, make_clip_sampler("constant_clips_per_video",
                                      clip_duration(num_frames, sampling_rate, target_fps),
                                      int(num_clips), int(num_crops)),
-        sampler, transform, video_path_prefix)
+        sampler, transform, video_path_prefix, num_classes=num_classes,
+        min_duration=min_video_duration(num_frames, sampling_rate, target_fps))
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     return VideoTestLoader(dataset, batch_size, num_workers, int(num_clips) * int(num_crops), pin)
 

@@ -3,15 +3,19 @@ every video they skip. The loaders built on them: :mod:`revvit_video.data`.
 
 Data format: a Kinetics list file with one ``<path> <label>`` line per video (space separated,
 as the Kinetics releases and SlowFast use; the path may itself contain spaces), or a directory
-``<root>/<class>/<video>.mp4``. Relative paths are taken relative to ``video_path_prefix``,
-which defaults to the folder of the list file.
+``<root>/<class>/<video>`` (classes numbered in sorted order, videos with one of
+:data:`VIDEO_EXTENSIONS`, in sub-folders too). Relative paths are taken relative to
+``video_path_prefix``, which defaults to the folder of the list file.
 
 Faults. pytorchvideo skips a video it cannot open or decode silently and raises after 10
-consecutive failures. :class:`SkipCountingVideoDataset` reports every failure instead: a record
-(path, reason) travels with the next sample (or alone at the end of a pass) through the
-DataLoader workers to the main process, where the loaders log it once per file and count it; the
-consecutive-failure limit is raised to the number of videos so that no run of bad files can stop
-a pass. A failure costs nothing extra: no file is opened twice.
+consecutive failures. :class:`SkipCountingVideoDataset` reports every failure instead: a
+:class:`SkipRecord` (path, reason, detail) travels with the next sample (or alone at the end of
+a pass) through the DataLoader workers to the main process, where the loaders log it once per
+file and count it; the consecutive-failure limit is raised to the number of videos so that no
+run of bad files can stop a pass. List lines that cannot be used (:func:`read_video_list`) are
+kept out of the dataset and reported the same way. The reasons are :data:`SKIP_REASONS`. A
+failure costs nothing extra: no file is opened twice (a file pytorchvideo finds no video stream
+in is probed once more, to tell an audio-only file from a truncated one).
 
 Resume. :class:`TrainClipDataset` is map-style: a training sample is keyed by ``(epoch,
 position)`` and made under RNGs seeded from ``(seed, rank, epoch, position)``, so its clip time,
@@ -21,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
+import av
 import torch
 from pytorchvideo.data import LabeledVideoDataset
 from pytorchvideo.data.labeled_video_paths import LabeledVideoPaths
@@ -37,6 +42,9 @@ from .compat import install_functional_tensor_alias
 install_functional_tensor_alias()
 
 __all__ = [
+    "SKIP_REASONS",
+    "VIDEO_EXTENSIONS",
+    "VideoList",
     "SkipRecord",
     "SkipCountingVideoDataset",
     "TrainClipDataset",
@@ -47,11 +55,36 @@ __all__ = [
 ]
 
 
+# Why an entry was skipped: the keys of the counts that the tools report.
+FILE_NOT_FOUND = "file not found"
+EMPTY_FILE = "empty file"
+UNREADABLE = "unreadable"  # not a media file, or a truncated or corrupt container
+NO_VIDEO_STREAM = "no video stream"  # e.g. audio only
+TOO_SHORT = "too short"  # shorter than one clip at the sampling
+NO_FRAME = "no frame decoded"
+DECODE_FAILED = "decoding failed"
+TRANSFORM_FAILED = "transform failed"
+MALFORMED_LINE = "malformed list line"
+BAD_LABEL = "label out of range"
+SKIP_REASONS = (FILE_NOT_FOUND, EMPTY_FILE, UNREADABLE, NO_VIDEO_STREAM, TOO_SHORT, NO_FRAME,
+                DECODE_FAILED, TRANSFORM_FAILED, MALFORMED_LINE, BAD_LABEL)
+
+# Files of a class-folder tree taken as videos (pytorchvideo's own scan takes .mp4 and .avi only;
+# YouTube downloaders write .webm and .mkv too).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv",
+                    ".flv", ".wmv", ".3gp")
+
+
 class SkipRecord(NamedTuple):
-    """A video (or one of its clips) that could not be used, and why."""
+    """An entry (a video, one of its clips, or a list line) that could not be used, and why.
+
+    ``path`` is the video file, or ``<list file>:<line number>`` for a rejected list line;
+    ``reason`` is one of :data:`SKIP_REASONS`; ``detail`` is the error or the numbers.
+    """
 
     path: str
     reason: str
+    detail: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +93,7 @@ class SkipRecord(NamedTuple):
 class _ReportingVideo:
     """Proxy of a pytorchvideo ``Video`` whose failed ``get_clip`` calls are reported."""
 
-    def __init__(self, video, path: str, report: Callable[[str, str], None]):
+    def __init__(self, video, path: str, report: Callable[..., None]):
         self._video = video
         self._path = path
         self._report = report
@@ -69,42 +102,73 @@ class _ReportingVideo:
         try:
             clip = self._video.get_clip(start_sec, end_sec)
         except Exception as e:  # noqa: BLE001 - any decoder error means "skip this video"
-            self._report(self._path, f"decoding [{float(start_sec):.2f}, {float(end_sec):.2f}) s "
-                                     f"failed: {one_line(e)}")
+            self._report(self._path, DECODE_FAILED, f"clip [{float(start_sec):.2f}, "
+                                                    f"{float(end_sec):.2f}) s: {one_line(e)}")
             return {"video": None, "audio": None}
         if clip is None or clip.get("video") is None:
-            self._report(self._path, f"no frame decoded in [{float(start_sec):.2f}, "
-                                     f"{float(end_sec):.2f}) s of a {float(self.duration):.2f} s "
-                                     f"video (truncated or corrupt)")
+            self._report(self._path, NO_FRAME, f"clip [{float(start_sec):.2f}, "
+                                               f"{float(end_sec):.2f}) s of a "
+                                               f"{float(self.duration):.2f} s video (truncated "
+                                               f"or corrupt)")
         return clip
 
     def __getattr__(self, name):
         return getattr(self._video, name)
 
 
-class _ReportingPathHandler(VideoPathHandler):
-    """``VideoPathHandler`` that reports the files it cannot open (and re-raises, so that
-    pytorchvideo skips them as before)."""
+def _open_failure(path: str, error: Exception):
+    """(reason, detail) of a file pytorchvideo could not open."""
+    if isinstance(error, FileNotFoundError):
+        return FILE_NOT_FOUND, ""
+    if "Video stream not found" in str(error):  # pytorchvideo's words: tell why
+        try:
+            with av.open(path) as container:
+                kinds = sorted({s.type for s in container.streams})
+        except Exception as e:  # noqa: BLE001
+            return UNREADABLE, one_line(e)
+        if kinds:
+            return NO_VIDEO_STREAM, f"streams: {', '.join(kinds)}"
+        return UNREADABLE, "no stream found (truncated, or not a video file)"
+    return UNREADABLE, one_line(error)
 
-    def __init__(self, report: Callable[[str, str], None]):
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+class _ReportingPathHandler(VideoPathHandler):
+    """``VideoPathHandler`` that reports the files it cannot open or that are shorter than
+    `min_duration` seconds (and raises, so that pytorchvideo skips them as before)."""
+
+    def __init__(self, report: Callable[..., None], min_duration: Optional[float] = None):
         super().__init__()
         self._report = report
+        self.min_duration = min_duration
 
     def video_from_path(self, filepath, decode_audio=False, decoder="pyav", fps=30):
+        path = str(filepath)
         try:
-            if os.path.isfile(filepath) and os.path.getsize(filepath) == 0:
-                raise RuntimeError("empty file")
-            video = super().video_from_path(filepath, decode_audio=decode_audio, decoder=decoder,
-                                            fps=fps)
-            if video.duration is None or float(video.duration) <= 0:
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                raise _Skip(EMPTY_FILE)
+            try:
+                video = super().video_from_path(filepath, decode_audio=decode_audio,
+                                                decoder=decoder, fps=fps)
+            except Exception as e:  # noqa: BLE001
+                raise _Skip(*_open_failure(path, e)) from None
+            duration = None if video.duration is None else float(video.duration)
+            if duration is None or duration <= 0:
                 video.close()
-                raise RuntimeError(f"no usable duration ({video.duration})")
-        except Exception as e:
-            reason = ("file not found" if isinstance(e, FileNotFoundError)
-                      else f"cannot open: {one_line(e)}")
-            self._report(str(filepath), reason)
+                raise _Skip(UNREADABLE, f"no usable duration ({video.duration})")
+            if self.min_duration is not None and duration < self.min_duration:
+                video.close()
+                raise _Skip(TOO_SHORT, f"{duration:.3f} s; one clip at this sampling needs "
+                                       f"{self.min_duration:.3f} s")
+        except _Skip as e:
+            self._report(path, e.reason, e.detail)
             raise
-        return _ReportingVideo(video, str(filepath), self._report)
+        return _ReportingVideo(video, path, self._report)
 
 
 class _ReportingTransform:
@@ -120,7 +184,7 @@ class _ReportingTransform:
             return self.transform(sample)
         except Exception as e:  # noqa: BLE001
             path = self.dataset.video_path(int(sample.get("video_index", -1)))
-            self.dataset._report(path, f"transform failed: {one_line(e)}")
+            self.dataset._report(path, TRANSFORM_FAILED, one_line(e))
             return None
 
 
@@ -128,8 +192,8 @@ class _SkipReporting:
     """Failure records of a dataset (``self.labeled_video_paths``): :meth:`_report` collects
     them until :meth:`_take_reports` hands them over with the next sample."""
 
-    def _report(self, path: str, reason: str):
-        self._pending.append(SkipRecord(path, reason))
+    def _report(self, path: str, reason: str, detail: str = ""):
+        self._pending.append(SkipRecord(path, reason, detail))
 
     def _take_reports(self) -> List[SkipRecord]:
         records, self._pending = self._pending, []
@@ -149,18 +213,20 @@ class SkipCountingVideoDataset(_SkipReporting, LabeledVideoDataset):
     previous sample. When a pass ends with failures still pending, one last sample
     ``{"video": None, "skipped": [...]}`` carries them; :func:`collate_video_batch` drops such
     samples from the batch and keeps their records. Samples also get ``"video_index"`` (as in
-    pytorchvideo) so that test views can be grouped per video.
+    pytorchvideo) so that test views can be grouped per video. A video shorter than
+    `min_duration` seconds (when given) is skipped as too short.
     """
 
     def __init__(self, labeled_video_paths: LabeledVideoPaths, clip_sampler,
                  video_sampler=torch.utils.data.RandomSampler,
-                 transform: Optional[Callable[[dict], Any]] = None, decoder: str = "pyav"):
+                 transform: Optional[Callable[[dict], Any]] = None, decoder: str = "pyav",
+                 min_duration: Optional[float] = None):
         wrapped = None if transform is None else _ReportingTransform(transform, self)
         super().__init__(labeled_video_paths, clip_sampler, video_sampler, transform=wrapped,
                          decode_audio=False, decoder=decoder)
         self.labeled_video_paths = labeled_video_paths  # all videos (every rank), in list order
         self._pending: List[SkipRecord] = []
-        self.video_path_handler = _ReportingPathHandler(self._report)
+        self.video_path_handler = _ReportingPathHandler(self._report, min_duration)
         # Each failing video costs one "try"; never give up inside a pass because of a run of
         # bad files (the sampler ends the pass).
         self._MAX_CONSECUTIVE_FAILURES = len(labeled_video_paths) + 1
@@ -192,11 +258,13 @@ class TrainClipDataset(_SkipReporting, torch.utils.data.Dataset):
         transform: sample dict -> sample dict.
         seed: seed of the orders (``DistributedSampler``) and of the samples.
         num_replicas, rank: this process's share of each epoch (``DistributedSampler``).
+        min_duration: videos shorter than this (seconds) are skipped as too short.
     """
 
     def __init__(self, labeled_video_paths: LabeledVideoPaths, clip_sampler,
                  transform: Optional[Callable[[dict], Any]] = None, *, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, decoder: str = "pyav"):
+                 num_replicas: int = 1, rank: int = 0, decoder: str = "pyav",
+                 min_duration: Optional[float] = None):
         self.labeled_video_paths = labeled_video_paths
         self.clip_sampler = clip_sampler
         self.transform = None if transform is None else _ReportingTransform(transform, self)
@@ -206,7 +274,7 @@ class TrainClipDataset(_SkipReporting, torch.utils.data.Dataset):
                                                 drop_last=False)
         self._order: Dict[int, List[int]] = {}
         self._pending: List[SkipRecord] = []
-        self.video_path_handler = _ReportingPathHandler(self._report)
+        self.video_path_handler = _ReportingPathHandler(self._report, min_duration)
 
     def __len__(self) -> int:
         """Videos of this rank per epoch."""
@@ -267,43 +335,128 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.n, self.num_replicas))
 
 
-def read_video_list(data_path: str, video_path_prefix: Optional[str] = None) -> LabeledVideoPaths:
+class VideoList(LabeledVideoPaths):
+    """pytorchvideo's ``LabeledVideoPaths`` of the usable entries of a list (or class-folder
+    tree), with the entries that were left out.
+
+    Attributes:
+        rejected: :class:`SkipRecord` s of the list lines that cannot be used (path
+            ``<list file>:<line number>``; reasons ``malformed list line``, ``label out of
+            range``).
+        source: the list file or folder.
+    """
+
+    def __init__(self, paths_and_labels, path_prefix: str = "",
+                 rejected: Sequence[SkipRecord] = (), source: str = ""):
+        super().__init__(list(paths_and_labels), path_prefix)
+        self.rejected = list(rejected)
+        self.source = str(source)
+
+    @property
+    def num_entries(self) -> int:
+        """Usable and rejected entries."""
+        return len(self) + len(self.rejected)
+
+
+def _label_problem(label: int, num_classes: Optional[int]) -> Optional[str]:
+    if label < 0 or (num_classes is not None and label >= int(num_classes)):
+        bound = f"[0, {int(num_classes)})" if num_classes is not None else "labels >= 0"
+        return f"label {label} not in {bound}"
+    return None
+
+
+def _read_list_file(path: Path, num_classes: Optional[int]):
+    good, rejected = [], []
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line]
+    if not lines:
+        raise ValueError(f"video list {path} is empty")
+    for n, line in lines:
+        where = f"{path}:{n}"
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            rejected.append(SkipRecord(where, MALFORMED_LINE,
+                                       f"expected '<path> <integer label>', got {line!r}"))
+            continue
+        try:
+            label = int(parts[1])
+        except ValueError:
+            rejected.append(SkipRecord(where, MALFORMED_LINE,
+                                       f"label {parts[1]!r} is not an integer in {line!r}"))
+            continue
+        problem = _label_problem(label, num_classes)
+        if problem:
+            rejected.append(SkipRecord(where, BAD_LABEL, f"{problem} in {line!r}"))
+            continue
+        good.append((parts[0], label))
+    return good, rejected
+
+
+def _read_class_folders(path: Path, num_classes: Optional[int]):
+    """``<root>/<class>/...<video>``: pytorchvideo's layout and order (classes sorted, then
+    ``os.walk`` order), any of :data:`VIDEO_EXTENSIONS`."""
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    good, rejected = [], []
+    for label, name in enumerate(classes):
+        problem = _label_problem(label, num_classes)
+        for root, _, files in sorted(os.walk(path / name, followlinks=True)):
+            for f in sorted(files):
+                if not f.lower().endswith(VIDEO_EXTENSIONS):
+                    continue
+                video = os.path.join(root, f)
+                if problem:
+                    rejected.append(SkipRecord(video, BAD_LABEL,
+                                               f"class folder {name!r} is class {label}: "
+                                               f"{problem}"))
+                else:
+                    good.append((video, label))
+    if not good and not rejected:
+        raise ValueError(f"no videos in {path}: expected <root>/<class>/<video> with one of "
+                         f"{', '.join(VIDEO_EXTENSIONS)}")
+    return good, rejected
+
+
+def read_video_list(data_path: str, video_path_prefix: Optional[str] = None,
+                    num_classes: Optional[int] = None) -> VideoList:
     """Read a Kinetics list file (``<path> <label>`` lines) or a ``<root>/<class>/<video>``
-    directory with pytorchvideo's ``LabeledVideoPaths``, checking it first.
+    directory.
+
+    A line that cannot be used (not two fields, a label that is not an integer, a label outside
+    ``[0, num_classes)``, or negative when `num_classes` is not given) is left out and recorded
+    in ``rejected``; blank lines are ignored.
 
     Raises:
         FileNotFoundError: `data_path` does not exist.
-        ValueError: the list is empty or has a malformed line.
+        ValueError: the list is empty, or none of its entries is usable (one line naming the
+            first problem).
     """
     path = Path(os.path.expanduser(str(data_path)))
     if not path.exists():
         raise FileNotFoundError(f"video list not found: {path}")
     if path.is_file():
-        lines = [l for l in path.read_text().splitlines() if l.strip()]
-        if not lines:
-            raise ValueError(f"video list {path} is empty")
-        for n, line in enumerate(lines, 1):
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{path}:{n}: expected '<path> <integer label>', got {line!r}")
+        good, rejected = _read_list_file(path, num_classes)
         if video_path_prefix is None:
             video_path_prefix = str(path.parent)
-    try:
-        paths = LabeledVideoPaths.from_path(str(path))
-    except AssertionError as e:  # pytorchvideo asserts on an empty folder
-        raise ValueError(f"no videos in {path}: {e}") from None
-    paths.path_prefix = video_path_prefix or ""
-    return paths
+    else:
+        good, rejected = _read_class_folders(path, num_classes)
+    if not good:
+        first = rejected[0]
+        raise ValueError(f"no usable entry in {path}: all {len(rejected)} rejected, e.g. "
+                         f"{first.path}: {first.reason}: {first.detail}")
+    return VideoList(good, video_path_prefix or "", rejected, str(path))
 
 
 def kinetics_dataset(data_path: str, clip_sampler, video_sampler=torch.utils.data.RandomSampler,
                      transform: Optional[Callable[[dict], Any]] = None,
                      video_path_prefix: Optional[str] = None,
-                     decoder: str = "pyav") -> SkipCountingVideoDataset:
+                     decoder: str = "pyav", num_classes: Optional[int] = None,
+                     min_duration: Optional[float] = None) -> SkipCountingVideoDataset:
     """``pytorchvideo.data.Kinetics`` with skip counting (:class:`SkipCountingVideoDataset`);
-    audio is not decoded."""
-    paths = read_video_list(data_path, video_path_prefix)
-    return SkipCountingVideoDataset(paths, clip_sampler, video_sampler, transform, decoder)
+    audio is not decoded. The rejected list lines are in ``dataset.labeled_video_paths
+    .rejected``."""
+    paths = read_video_list(data_path, video_path_prefix, num_classes)
+    return SkipCountingVideoDataset(paths, clip_sampler, video_sampler, transform, decoder,
+                                    min_duration)
 
 
 def collate_video_batch(samples: Sequence[dict]) -> Dict[str, Any]:
