@@ -52,7 +52,14 @@ from revvit_d2.training import (  # noqa: E402
     tool_parser,
     training_hooks,
 )
-from revvit_video.data import NoReadableVideoError, read_video_list  # noqa: E402
+from revvit_video.data import (  # noqa: E402
+    NoReadableVideoError,
+    build_kinetics_test_loader,
+    build_kinetics_train_loader,
+    format_skip_counts,
+    read_video_list,
+    skip_counts,
+)
 from revvit_video.engine import (  # noqa: E402
     ClipClassificationLoss,
     VideoAMPTrainer,
@@ -161,28 +168,54 @@ def load_weights(model, path, load_head=True, allow_unsafe_pickle=False):
                  load_head=load_head)
 
 
+def _set_num_classes(node, model):
+    """Our loaders skip list lines whose label the model cannot predict: tell them its
+    number of classes (unless the config does)."""
+    head = getattr(getattr(model, "module", model), "head", None)
+    sizes = [m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)] if head \
+        else []
+    if sizes and node.get("_target_") in (build_kinetics_train_loader, build_kinetics_test_loader) \
+            and node.get("num_classes") is None:
+        node.num_classes = int(sizes[-1])
+
+
+def _gather_skipped(entries):
+    """``{entry: reason}`` of every process (first reason met wins) on the main process."""
+    merged = {}
+    for part in comm.gather(entries):
+        for k, v in (part or {}).items():
+            merged.setdefault(k, v)
+    return merged
+
+
 def do_test(cfg, model, device, final=False):
     """Multi-view test on dataloader.test; prints the summary on the main process when
     `final`. Returns the results (main process) or {}."""
+    _set_num_classes(cfg.dataloader.test, model)
     loader = build(cfg.dataloader.test, "the test data loader")
     net = getattr(model, "module", model)
     res = evaluate_multiview(net, loader, device, amp_dtype(cfg),  # autocast on CUDA only
                              log_period=int(cfg.train.get("log_period", 20)))
+    skipped = _gather_skipped(loader.skipped_entries())  # distinct entries, all processes
     if not comm.is_main_process():
         return {}
+    res["skipped"] = len(skipped)
+    why = format_skip_counts(skip_counts(skipped))
     data = cfg.dataloader.test.data_path
     if res["videos"] == 0:
-        raise ToolError(f"no video of {data} could be read ({res['skipped']} skipped)")
+        raise ToolError(f"no video of {data} could be used ({res['skipped']} skipped: {why})")
     test = cfg.dataloader.test
     logger.info("test on %s: top-1 %.3f top-5 %.3f over %d videos (%d views), %d skipped, %d "
                 "with fewer than %d views", data, res["top1"], res["top5"], res["videos"],
                 res["views"], res["skipped"], res["incomplete"], loader.views_per_video)
+    if skipped:
+        logger.info("test entries skipped (distinct): %s", why)
     if final:
         sys.stdout.flush()
         clips, crops = int(test.num_clips), int(test.num_crops)
         print(f"Evaluated {res['videos']} videos ({res['views']} views: {clips} clip"
               f"{'s' if clips != 1 else ''} x {crops} crop{'s' if crops != 1 else ''} per video, "
-              f"softmax averaged) of {data}; {res['skipped']} skipped as unreadable, "
+              f"softmax averaged) of {data}; {res['skipped']} skipped ({why}), "
               f"{res['incomplete']} with fewer views")
         print(f"* Top-1 {res['top1']:.3f} Top-5 {res['top5']:.3f} videos {res['videos']} "
               f"skipped {res['skipped']} clips/s {res['clips_per_s']:.1f}", flush=True)
@@ -193,6 +226,7 @@ def build_training(cfg, device, seed: int):
     """Model (DDP-wrapped), data loader, trainer and checkpointer of a run with `seed`, and
     its length ``(max_iter, iterations per epoch)``."""
     model = build_model(cfg, device)
+    _set_num_classes(cfg.dataloader.train, model)
     train_loader = build(cfg.dataloader.train, "the training data loader")
     ipe = train_loader.iters_per_epoch
     max_iter = cfg.train.get("max_iter") or int(round(float(cfg.train.epochs) * ipe))
@@ -242,6 +276,11 @@ def do_train(args, cfg, device):
     else:
         logger.info("checkpoint is at iteration %d >= max_iter %d: nothing to train",
                     point.start_iter, max_iter)
+    loader = trainer.data_loader
+    skipped = _gather_skipped(loader.skipped.entries())  # distinct entries, all processes
+    if comm.is_main_process():
+        print(f"Training skipped {len(skipped)} of {loader.num_videos} list entries "
+              f"({format_skip_counts(skip_counts(skipped))})", flush=True)
     return do_test(cfg, model, device, final=True)
 
 

@@ -1,0 +1,337 @@
+"""A user's own Kinetics-format videos: real-codec files written here with PyAV (h264, mpeg4,
+mjpeg, vp8; odd sizes, variable frame rate, an audio track) load, and every broken entry (missing,
+empty, text, truncated, audio-only, too short, frames that do not decode, malformed list lines,
+labels out of range) is skipped with one warning naming it and its reason, counted once per
+distinct entry, in the loaders and in tools/run_video.py."""
+import logging
+import os
+import re
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "run_video.py"
+
+# The sampling of the demo config (configs/Kinetics/rev_mvit_test_synthetic.py): 8 frames, 2
+# apart at 16 fps; a video needs (8 - 1) * 2 / 16 = 0.875 s.
+SAMPLING = dict(num_frames=8, sampling_rate=2, target_fps=16)
+FPS = 16
+GOOD_FRAMES = 20  # 1.25 s
+
+
+def _need_codec(name: str):
+    try:
+        av.codec.Codec(name, "w")
+    except Exception:  # noqa: BLE001 - any failure: this av build cannot write it
+        pytest.skip(f"the local av build has no {name} encoder")
+
+
+def _frame(i: int, w: int, h: int) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = (37 * i) % 256
+    img[: h // 2, : w // 2, 1] = 200
+    return img
+
+
+def write_video(path: Path, codec: str, size=(32, 32), frames: int = GOOD_FRAMES, fps: int = FPS,
+                pix_fmt: str = "yuv420p", pts_ms=None, audio: bool = False) -> Path:
+    """A real video: `codec`, `size` (w, h), `frames` at `fps`, or at the times `pts_ms`
+    (variable frame rate); with an AAC track when `audio`."""
+    w, h = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if pts_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        sound = out.add_stream("aac", rate=16000) if audio else None
+        for i in range(frames if pts_ms is None else len(pts_ms)):
+            frame = av.VideoFrame.from_ndarray(_frame(i, w, h), format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = int(pts_ms[i]), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+        if sound is not None:
+            _encode_silence(out, sound, seconds=frames / fps)
+    return path
+
+
+def _encode_silence(out, stream, seconds: float):
+    n = 1024
+    for i in range(int(seconds * 16000 / n) + 1):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, n), np.float32), format="fltp",
+                                           layout="mono")
+        frame.sample_rate, frame.pts = 16000, i * n
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+
+
+def write_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as out:
+        _encode_silence(out, out.add_stream("aac", rate=16000), seconds=2.0)
+    return path
+
+
+# name -> (writer, codec it needs)
+GOOD = {
+    "h264_32x32.mp4": (lambda p: write_video(p, "libx264"), "libx264"),
+    "h264_33x17_444.mp4": (lambda p: write_video(p, "libx264", (33, 17), pix_fmt="yuv444p"),
+                           "libx264"),
+    "mpeg4_33x17.mp4": (lambda p: write_video(p, "mpeg4", (33, 17)), "mpeg4"),
+    "mjpeg_33x17.avi": (lambda p: write_video(p, "mjpeg", (33, 17), pix_fmt="yuvj420p"),
+                        "mjpeg"),
+    "vp8_32x24.webm": (lambda p: write_video(p, "libvpx", (32, 24)), "libvpx"),
+    "mpeg4_vfr.mp4": (lambda p: write_video(p, "mpeg4", pts_ms=[0, 40, 50, 200, 210, 400, 700,
+                                                                 1000, 1033, 1100, 1250, 1400]),
+                      "mpeg4"),
+    "h264_with_audio.mp4": (lambda p: write_video(p, "libx264", audio=True), "libx264"),
+}
+
+
+def _write_bad(d: Path):
+    """The broken files and their reasons (file name -> reason)."""
+    long = write_video(d / "long.mp4", "mpeg4", frames=64)
+    data = long.read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])  # the index (moov) is lost
+    avi = write_video(d / "long.avi", "mjpeg", frames=64, pix_fmt="yuvj420p").read_bytes()
+    (d / "cut_frames.avi").write_bytes(avi[: int(len(avi) * 0.3)])  # header, frames undecodable
+    (d / "zero.mp4").write_bytes(b"")
+    (d / "text.mp4").write_text("this is not a video\n")
+    write_audio_only(d / "audio.m4a")
+    write_audio_only(d / "audio_only.mp4")
+    write_video(d / "two_frames.mp4", "mpeg4", frames=2)
+    long.unlink()
+    (d / "long.avi").unlink()
+    return {"truncated.mp4": "unreadable", "cut_frames.avi": "no frame decoded",
+            "zero.mp4": "empty file", "text.mp4": "unreadable", "audio.m4a": "no video stream",
+            "audio_only.mp4": "no video stream", "two_frames.mp4": "too short",
+            "missing.mp4": "file not found"}
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """Good videos of every codec this av build writes, the broken files, and lists of them."""
+    d = tmp_path_factory.mktemp("own_videos")
+    good, missing_codecs = [], []
+    for name, (make, codec) in GOOD.items():
+        try:
+            av.codec.Codec(codec, "w")
+        except Exception:  # noqa: BLE001
+            missing_codecs.append(codec)
+            continue
+        make(d / name)
+        good.append(name)
+    bad = _write_bad(d)
+    lines = [f"{name} {i % 4}" for i, name in enumerate(good)]
+    lines += [f"{name} {i % 4}" for i, name in enumerate(bad)]
+    malformed = {"only_a_path.mp4": "malformed list line", "mpeg4_33x17.mp4 cat":
+                 "malformed list line", "mpeg4_33x17.mp4 -1": "label out of range",
+                 "mpeg4_33x17.mp4 7": "label out of range"}  # 4 classes
+    first_bad_line = len(lines) + 1
+    lines += list(malformed)
+    (d / "mixed.csv").write_text("\n".join(lines) + "\n\n")  # a blank line is not an entry
+    (d / "good.csv").write_text("".join(f"{name} {i % 4}\n" for i, name in enumerate(good)))
+    expected = dict(bad)
+    for n, reason in enumerate(malformed.values(), first_bad_line):
+        expected[f"mixed.csv:{n}"] = reason
+    return dict(dir=d, good=good, bad=bad, expected=expected, missing_codecs=missing_codecs)
+
+
+def _names(entries):
+    """{entry: reason} with the file names only (entries are full paths, or list:line)."""
+    return {Path(k).name: v for k, v in entries.items()}
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            and r.getMessage().startswith("skipping")]
+
+
+def _warned_once_each(caplog, expected):
+    msgs = _warnings(caplog)
+    for name, reason in expected.items():
+        hits = [m for m in msgs if re.search(rf"[ /]{re.escape(name)}: ", m)]
+        assert len(hits) == 1, (name, hits, msgs)
+        assert f": {reason}" in hits[0], hits[0]
+    assert len(msgs) == len(expected), msgs
+
+
+def _test_loader(path, **kw):
+    from revvit_video.data import build_kinetics_test_loader
+
+    args = dict(SAMPLING, num_clips=2, short_side=16, crop_size=16, batch_size=4, num_workers=0,
+                num_classes=4)
+    args.update(kw)
+    return build_kinetics_test_loader(str(path), **args)
+
+
+def _views(loader):
+    views = {}
+    for batch in loader:
+        if batch["video"] is None:
+            continue
+        assert batch["video"].shape[1:] == (3, 8, 16, 16)
+        for v in batch["video_index"].tolist():
+            views[v] = views.get(v, 0) + 1
+    return views
+
+
+# ---------------------------------------------------------------------------------------------
+# Good files
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("codec", sorted({c for _, c in GOOD.values()}))
+def test_codec_available_or_skipped_by_name(own, codec):
+    if codec in own["missing_codecs"]:
+        _need_codec(codec)  # skips, naming the codec
+    assert any(GOOD[n][1] == codec for n in own["good"])
+
+
+def test_every_good_video_loads_with_every_view(own, caplog):
+    loader = _test_loader(own["dir"] / "good.csv")
+    views = _views(loader)
+    assert views == {i: 2 for i in range(len(own["good"]))}
+    assert loader.skipped_entries() == {} and not _warnings(caplog)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken entries: one warning each, distinct counts per reason
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 1])
+def test_test_loader_skips_each_bad_entry_once_with_its_reason(own, caplog, workers):
+    from revvit_video.data import skip_counts
+
+    from revvit_video import data as data_mod
+
+    data_mod._WARNED.clear()  # warnings are once per process: each case starts afresh
+    caplog.set_level(logging.WARNING)
+    loader = _test_loader(own["dir"] / "mixed.csv", num_workers=workers)
+    assert loader.num_videos == len(own["good"]) + len(own["expected"])  # every entry
+    for _ in range(2):  # a second pass: same counts, no second warning
+        views = _views(loader)
+        assert sorted(views) == list(range(len(own["good"])))
+        assert set(views.values()) == {2}
+        assert _names(loader.skipped_entries()) == own["expected"]
+    _warned_once_each(caplog, own["expected"])
+    counts = skip_counts(loader.skipped_entries())
+    assert counts == {"unreadable": 2, "no frame decoded": 1, "empty file": 1,
+                      "no video stream": 2, "too short": 1, "file not found": 1,
+                      "malformed list line": 2, "label out of range": 2}
+
+
+def test_train_loader_counts_distinct_files_over_epochs(own, caplog):
+    from revvit_video import data as data_mod
+    from revvit_video.data import build_kinetics_train_loader
+
+    data_mod._WARNED.clear()
+    caplog.set_level(logging.WARNING)
+    loader = build_kinetics_train_loader(str(own["dir"] / "mixed.csv"), **SAMPLING, crop_size=16,
+                                         total_batch_size=2, num_workers=0, seed=1,
+                                         num_classes=4)
+    stream = iter(loader)
+    ipe = loader.iters_per_epoch
+    good = set(range(len(own["good"])))
+    for _ in range(3 * ipe):  # three epochs: the sampler meets every bad file three times
+        batch = next(stream)
+        assert set(batch["video_index"].tolist()) <= good
+        assert batch["video"].shape == (2, 3, 8, 16, 16)
+    assert loader.epoch == 2
+    assert _names(loader.skipped.entries()) == own["expected"]
+    assert loader.skipped.events > len(loader.skipped.paths)  # met again, counted once
+    _warned_once_each(caplog, own["expected"])
+
+
+def test_nothing_usable_is_one_line_error(own, tmp_path):
+    from revvit_video.data import (NoReadableVideoError, build_kinetics_train_loader,
+                                   read_video_list)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("".join(f"{own['dir'] / n} 0\n" for n in own["bad"]))
+    loader = build_kinetics_train_loader(str(bad), **SAMPLING, crop_size=16, total_batch_size=2,
+                                         num_workers=0)
+    with pytest.raises(NoReadableVideoError) as e:
+        next(iter(loader))
+    assert "\n" not in str(e.value) and f"{len(own['bad'])} skipped" in str(e.value)
+    assert "2 no video stream" in str(e.value)
+
+    lines = tmp_path / "lines.csv"
+    lines.write_text("a.mp4\nb.mp4 cat\n")
+    with pytest.raises(ValueError, match=r"no usable entry .*all 2 rejected") as e:
+        read_video_list(str(lines))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="label out of range"):
+        read_video_list(str(bad), num_classes=0)
+
+
+def test_class_folder_tree(own, tmp_path, caplog):
+    from revvit_video import data as data_mod
+    from revvit_video.data import read_video_list
+
+    data_mod._WARNED.clear()
+    caplog.set_level(logging.WARNING)
+    root = tmp_path / "tree"
+    files = {"abseil/a.mp4": "mpeg4_33x17.mp4", "abseil/sub/b.avi": "mjpeg_33x17.avi",
+             "bowling/c.webm": "vp8_32x24.webm", "bowling/d.mp4": "audio_only.mp4",
+             "bowling/e.mp4": "zero.mp4"}
+    for dest, src in files.items():
+        if src not in own["good"] and src not in own["bad"]:
+            continue  # a codec this av build lacks
+        (root / dest).parent.mkdir(parents=True, exist_ok=True)
+        (root / dest).write_bytes((own["dir"] / src).read_bytes())
+    (root / "bowling" / "notes.txt").write_text("not a video")
+    (root / "empty_class").mkdir()
+    paths = read_video_list(str(root))
+    got = {str(Path(p).relative_to(root)): info["label"] for p, info in
+           (paths[i] for i in range(len(paths)))}
+    want = {k: (0 if k.startswith("abseil") else 1) for k in files if (root / k).exists()}
+    assert got == want and not paths.rejected
+    assert len(read_video_list(str(root), num_classes=1).rejected) == len(
+        [k for k in want if k.startswith("bowling")])
+    loader = _test_loader(root, num_classes=None)
+    views = _views(loader)
+    assert len(views) == len([k for k in want if Path(k).stem in "abc"])  # a, b, c decode
+    assert _names(loader.skipped_entries()) == {"d.mp4": "no video stream",
+                                                "e.mp4": "empty file"}
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/run_video.py: training and evaluation on the mixed list end with exit 0 and the counts
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_run_video_trains_and_evaluates_on_own_list(own, tmp_path):
+    lst = own["dir"] / "mixed.csv"
+    out = tmp_path / "out"
+    # One epoch: floor(usable entries / 2) iterations of 2 clips; the epoch's order of videos
+    # restarts until it has them, so training meets every broken file at least once.
+    epoch = (len(own["good"]) + len(own["bad"])) // 2
+    args = [f"dataloader.train.data_path={lst}", f"dataloader.test.data_path={lst}",
+            f"train.output_dir={out}", f"train.max_iter={epoch}", "train.log_period=1",
+            "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+            "dataloader.test.num_workers=0", "dataloader.test.num_clips=1",
+            "dataloader.test.batch_size=4", "train.device=cpu"]
+    env = dict(os.environ, REVVIT_DATASETS=str(tmp_path / "unused"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          env=env, cwd=str(ROOT), timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    entries = len(own["good"]) + len(own["expected"])
+    bad = len(own["expected"])
+    why = ("2 label out of range, 2 malformed list line, 2 no video stream, 2 unreadable, "
+           "1 empty file, 1 file not found, 1 no frame decoded, 1 too short")
+    assert f"Training skipped {bad} of {entries} list entries ({why})\n" in proc.stdout, \
+        log[-4000:]
+    assert f"; {bad} skipped ({why}), 0 with fewer views" in proc.stdout, log[-4000:]
+    last = proc.stdout.rstrip().splitlines()[-1]
+    assert re.match(rf"^\* Top-1 [\d.]+ Top-5 [\d.]+ videos {len(own['good'])} skipped {bad} ",
+                    last), last
+    for name in own["bad"]:  # one warning per bad file in the test pass
+        assert len(re.findall(rf"skipping test video \S*/{re.escape(name)}: ", proc.stdout)) == 1
