@@ -299,9 +299,16 @@ def test_bad_video_list_errors(tmp_path):
     (tmp_path / "empty.csv").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         read_video_list(str(tmp_path / "empty.csv"))
+    # A malformed line is left out and recorded (tests/test_own_data_videos.py counts them);
+    # a list with no usable line is an error.
     (tmp_path / "bad.csv").write_text("a.mp4 0\nb.mp4 cat\n")
-    with pytest.raises(ValueError, match="bad.csv:2"):
-        read_video_list(str(tmp_path / "bad.csv"))
+    paths = read_video_list(str(tmp_path / "bad.csv"))
+    assert len(paths) == 1 and paths.num_entries == 2
+    assert [(Path(r.path).name, r.reason) for r in paths.rejected] == [
+        ("bad.csv:2", "malformed list line")]
+    (tmp_path / "worse.csv").write_text("b.mp4 cat\nc.mp4\n")
+    with pytest.raises(ValueError, match="no usable entry .*worse.csv:1: malformed list line"):
+        read_video_list(str(tmp_path / "worse.csv"))
     (tmp_path / "ok.csv").write_text("dir with space/a b.mp4 3\n")
     paths = read_video_list(str(tmp_path / "ok.csv"))
     assert paths[0] == (str(tmp_path / "dir with space" / "a b.mp4"), {"label": 3})

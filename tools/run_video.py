@@ -215,8 +215,8 @@ def do_test(cfg, model, device, final=False):
         clips, crops = int(test.num_clips), int(test.num_crops)
         print(f"Evaluated {res['videos']} videos ({res['views']} views: {clips} clip"
               f"{'s' if clips != 1 else ''} x {crops} crop{'s' if crops != 1 else ''} per video, "
-              f"softmax averaged) of {data}; {res['skipped']} skipped ({why}), "
-              f"{res['incomplete']} with fewer views")
+              f"softmax averaged) of {data}; {res['skipped']} skipped"
+              f"{f' ({why})' if skipped else ''}, {res['incomplete']} with fewer views")
         print(f"* Top-1 {res['top1']:.3f} Top-5 {res['top5']:.3f} videos {res['videos']} "
               f"skipped {res['skipped']} clips/s {res['clips_per_s']:.1f}", flush=True)
     return {k: v for k, v in res.items() if k in ("top1", "top5", "videos", "skipped")}
@@ -230,7 +230,7 @@ def build_training(cfg, device, seed: int):
     train_loader = build(cfg.dataloader.train, "the training data loader")
     ipe = train_loader.iters_per_epoch
     max_iter = cfg.train.get("max_iter") or int(round(float(cfg.train.epochs) * ipe))
-    logger.info("training data: %d videos, %d clips per iteration (%d per process), %d iterations "
+    logger.info("training data: %d list entries, %d clips per iteration (%d per process), %d iterations "
                 "per epoch, %d iterations (%.1f epochs)", train_loader.num_videos,
                 train_loader.batch_size * comm.get_world_size(), train_loader.batch_size, ipe,
                 max_iter, max_iter / ipe)
@@ -279,8 +279,9 @@ def do_train(args, cfg, device):
     loader = trainer.data_loader
     skipped = _gather_skipped(loader.skipped.entries())  # distinct entries, all processes
     if comm.is_main_process():
-        print(f"Training skipped {len(skipped)} of {loader.num_videos} list entries "
-              f"({format_skip_counts(skip_counts(skipped))})", flush=True)
+        why = f" ({format_skip_counts(skip_counts(skipped))})" if skipped else ""
+        print(f"Training skipped {len(skipped)} of {loader.num_videos} list entries{why}",
+              flush=True)
     return do_test(cfg, model, device, final=True)
 
 
