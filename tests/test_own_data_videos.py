@@ -335,3 +335,24 @@ def test_run_video_trains_and_evaluates_on_own_list(own, tmp_path):
                     last), last
     for name in own["bad"]:  # one warning per bad file in the test pass
         assert len(re.findall(rf"skipping test video \S*/{re.escape(name)}: ", proc.stdout)) == 1
+
+
+@pytest.mark.slow
+def test_run_video_nothing_usable_is_one_error_line(own, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("".join(f"{own['dir'] / n} 0\n" for n in own["bad"]))
+    env = dict(os.environ, REVVIT_DATASETS=str(tmp_path / "unused"), OMP_NUM_THREADS="1")
+    common = [f"dataloader.test.data_path={bad}", f"train.output_dir={tmp_path / 'out'}",
+              "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+              "dataloader.train.total_batch_size=2", "train.device=cpu"]
+    n = len(own["bad"])
+    for extra, needle in (([f"dataloader.train.data_path={bad}"],
+                           f"error: no training video could be used in a whole pass over {n} "
+                           f"list entries ({n} skipped: 2 no video stream, 2 unreadable,"),
+                          (["--eval-only"], f"could be used ({n} skipped: 2 no video stream")):
+        proc = subprocess.run([sys.executable, str(TOOL), *extra, *common], capture_output=True,
+                              text=True, env=env, cwd=str(ROOT), timeout=600)
+        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+        assert needle in lines[0], lines[0]
