@@ -171,11 +171,12 @@ def load_weights(model, path, load_head=True, allow_unsafe_pickle=False):
 def _set_num_classes(node, model):
     """Our loaders skip list lines whose label the model cannot predict: tell them its
     number of classes (unless the config does)."""
+    ours = node.get("_target_") in (build_kinetics_train_loader, build_kinetics_test_loader)
     head = getattr(getattr(model, "module", model), "head", None)
-    sizes = [m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)] if head \
-        else []
-    if sizes and node.get("_target_") in (build_kinetics_train_loader, build_kinetics_test_loader) \
-            and node.get("num_classes") is None:
+    if not ours or head is None or node.get("num_classes") is not None:
+        return
+    sizes = [m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    if sizes:
         node.num_classes = int(sizes[-1])
 
 
@@ -230,8 +231,8 @@ def build_training(cfg, device, seed: int):
     train_loader = build(cfg.dataloader.train, "the training data loader")
     ipe = train_loader.iters_per_epoch
     max_iter = cfg.train.get("max_iter") or int(round(float(cfg.train.epochs) * ipe))
-    logger.info("training data: %d list entries, %d clips per iteration (%d per process), %d iterations "
-                "per epoch, %d iterations (%.1f epochs)", train_loader.num_videos,
+    logger.info("training data: %d list entries, %d clips per iteration (%d per process), %d "
+                "iterations per epoch, %d iterations (%.1f epochs)", train_loader.num_videos,
                 train_loader.batch_size * comm.get_world_size(), train_loader.batch_size, ipe,
                 max_iter, max_iter / ipe)
     cfg.optimizer.params.model = model
