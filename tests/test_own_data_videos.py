@@ -272,6 +272,23 @@ def test_nothing_usable_is_one_line_error(own, tmp_path):
         read_video_list(str(bad), num_classes=0)
 
 
+def test_list_written_on_windows_and_a_folder_entry(own, tmp_path):
+    """A byte-order mark and CRLF line ends (Notepad, Excel) are not part of the paths; a
+    folder in the list (pytorchvideo would read it as frame images) is skipped."""
+    from revvit_video.data import read_video_list
+
+    good = own["good"][0]
+    (tmp_path / "frames").mkdir()
+    lst = tmp_path / "windows.csv"
+    lst.write_bytes(("\ufeff" + f"{own['dir'] / good} 0\r\n{tmp_path / 'frames'} 1\r\n")
+                    .encode("utf-8"))
+    paths = read_video_list(str(lst))
+    assert paths[0][0] == str(own["dir"] / good) and not paths.rejected
+    loader = _test_loader(lst)
+    assert _views(loader) == {0: 2}
+    assert _names(loader.skipped_entries()) == {"frames": "unreadable"}
+
+
 def test_class_folder_tree(own, tmp_path, caplog):
     from revvit_video import data as data_mod
     from revvit_video.data import read_video_list

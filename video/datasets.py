@@ -367,7 +367,8 @@ def _label_problem(label: int, num_classes: Optional[int]) -> Optional[str]:
 
 def _read_list_file(path: Path, num_classes: Optional[int]):
     good, rejected = [], []
-    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the path
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line]
     if not lines:
         raise ValueError(f"video list {path} is empty")
