@@ -314,6 +314,7 @@ def test_train_net_nothing_usable_is_one_error_line(tmp_path):
     assert lines[0].startswith("error: no usable image: the 50 images tried in a row were all "
                                "skipped (")
     assert "2 unreadable, 1 empty file, 1 size differs from the annotation" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-5000:]
     assert not list((tmp_path / "out").glob("model_*.pth"))
 
 

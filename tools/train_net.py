@@ -97,6 +97,13 @@ def _resumable(loader_cfg, seed: int, start_iter: int):
     return loader_cfg
 
 
+def _no_traceback_for_expected(record: logging.LogRecord) -> bool:
+    """detectron2's trainer logs every exception with its traceback before re-raising it; an
+    expected one (e.g. NoUsableImagesError from the data loader) is printed as one error line
+    instead."""
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
 def do_train(args, cfg):
     unsafe = bool(cfg.train.allow_unsafe_pickle)
     point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed, unsafe)
@@ -129,6 +136,7 @@ def do_train(args, cfg):
         trainer.register_hooks([metrics_writer(
             cfg.train.output_dir, cfg.train.log_period,
             [CommonMetricPrinter(cfg.train.max_iter), TensorboardXWriter(cfg.train.output_dir)])])
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_no_traceback_for_expected)
     trainer.train(point.start_iter, cfg.train.max_iter)
     # Distinct files over all loader workers, per reason; e.g. "3 training image(s) were
     # skipped: 2 unreadable, 1 size differs from the annotation".
