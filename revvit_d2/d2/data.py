@@ -151,18 +151,23 @@ class _SkipLog:
         return self._records().get(name, (token,))[0] == token
 
     def _records(self) -> "dict":
-        """``{file: (token, reason)}`` of the first record of each file, in log order."""
+        """``{file: (token, reason)}`` of the first record of each file, in log order. Only
+        the lines added since the last call are read (a long run with many bad files stays
+        linear); the parsed state is per process and is not pickled."""
+        cache = self.__dict__.setdefault("_cache", {})
         try:
             with open(self.path, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
+                f.seek(self.__dict__.get("_offset", 0))
+                data = f.read()
         except OSError:
-            return {}
-        out = {}
-        for line in lines:
+            return cache
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self._offset = self.__dict__.get("_offset", 0) + end
+        for line in data[:end].decode("utf-8", "replace").splitlines():
             parts = line.split("\t", 2)
-            if len(parts) == 3 and parts[2] not in out:
-                out[parts[2]] = (parts[0], parts[1])
-        return out
+            if len(parts) == 3 and parts[2] not in cache:
+                cache[parts[2]] = (parts[0], parts[1])
+        return cache
 
     def files(self) -> List[str]:
         """The distinct skipped files, in the order they were first met."""
@@ -170,7 +175,7 @@ class _SkipLog:
 
     def reasons(self) -> Dict[str, str]:
         """``{file: reason}`` of the distinct skipped files."""
-        return {f: r for f, (_, r) in self._records().items()}
+        return {f: r for f, (_, r) in list(self._records().items())}
 
     @property
     def count(self) -> int:
