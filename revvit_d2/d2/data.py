@@ -392,8 +392,9 @@ class SafeDatasetMapper(DatasetMapper):
         failures and size mismatches skipped and counted) and empty annotations given to
         training dicts without any. Everything after the read is detectron2's body unchanged:
         it is restated here because ``DatasetMapper`` reads the image inline
-        (``utils.read_image``) with no method to override, and reading first to check and letting detectron2 read again would decode
-        every image twice and still saturate 16-bit images."""
+        (``utils.read_image``) with no method to override, and reading first to check and
+        letting detectron2 read again would decode every image twice and still saturate
+        16-bit images."""
         if str(dataset_dict.get("file_name")) in self._bad:  # met before: no second read
             return self._reject(dataset_dict, self._bad[str(dataset_dict.get("file_name"))])
         dataset_dict = copy.deepcopy(dataset_dict)
