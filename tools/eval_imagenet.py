@@ -35,6 +35,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from revvit_d2.data.imagefolder import (  # noqa: E402
     SafeImageFolder,
     build_eval_loader,
+    describe_skips,
     eval_transform_from_cfg,
 )
 from revvit_d2.data.synthetic.imagenet import (  # noqa: E402
@@ -176,7 +177,7 @@ def evaluate(model, loader, device, num_classes, log_period):
     n_batches = len(loader)
     total = len(loader.dataset)
     top1 = top5 = seen = 0
-    skipped = []
+    skipped = {}  # path -> reason: distinct files, each warned about once
     model_time = 0.0
     k5 = min(5, num_classes)
     use_bar = sys.stderr.isatty()
@@ -189,8 +190,10 @@ def evaluate(model, loader, device, num_classes, log_period):
     with torch.inference_mode():
         for i, batch in enumerate(loader):
             for s in batch["skipped"]:
-                logger.warning("skipping unreadable image %s (%s)", s.path, s.error)
-            skipped.extend(batch["skipped"])
+                if s.path not in skipped:
+                    logger.warning("skipping unreadable image %s (%s: %s)", s.path, s.reason,
+                                   s.error)
+                    skipped[s.path] = s.reason
             if batch["images"] is not None:
                 images = batch["images"].to(device, non_blocking=True)
                 targets = batch["targets"].to(device, non_blocking=True)
@@ -218,7 +221,8 @@ def evaluate(model, loader, device, num_classes, log_period):
         bar.close()
     elapsed = time.perf_counter() - start
     return dict(top1=100.0 * top1 / max(seen, 1), top5=100.0 * top5 / max(seen, 1), images=seen,
-                skipped=len(skipped), seconds=elapsed, model_seconds=model_time)
+                skipped=len(skipped), skipped_reasons=skipped, seconds=elapsed,
+                model_seconds=model_time)
 
 
 def do_test(cfg, model, dataset, device):
@@ -252,8 +256,9 @@ def do_test(cfg, model, dataset, device):
     if res["images"] == 0:
         raise ToolError(f"no image of {data} could be read ({res['skipped']} skipped)")
     ips = res["images"] / max(res["seconds"], 1e-9)
-    print(f"Evaluated {res['images']} images ({res['skipped']} skipped as unreadable) of {data} "
-          f"with {name} on {device}")
+    why = describe_skips(res["skipped_reasons"]).partition(": ")[2]
+    print(f"Evaluated {res['images']} images ({res['skipped']} skipped as unreadable"
+          f"{': ' + why if why else ''}) of {data} with {name} on {device}")
     print(f"Top-1 accuracy: {res['top1']:.3f} %   Top-5 accuracy: {res['top5']:.3f} %")
     print(f"Throughput: {ips:.1f} images/s end-to-end ({res['seconds']:.2f} s, data loading "
           f"included); model only {res['images'] / max(res['model_seconds'], 1e-9):.1f} images/s")

@@ -71,9 +71,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/COCO/mask_rcnn_r
 def do_test(cfg, model):
     if cfg.dataloader.get("evaluator") is None:
         return {}
-    results = inference_on_dataset(
-        model, build(cfg.dataloader.test, "the test data loader"),
-        build(cfg.dataloader.evaluator, "the evaluator"))
+    loader = build(cfg.dataloader.test, "the test data loader")
+    results = inference_on_dataset(model, loader,
+                                   build(cfg.dataloader.evaluator, "the evaluator"))
+    summary = d2_data.skip_summary(is_train=False, what="test image(s)")
+    if summary:  # while the loader (and its mapper's count) is alive
+        logger.warning("%s; each was replaced by another image, so the AP is approximate",
+                       summary)
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -91,6 +95,13 @@ def _resumable(loader_cfg, seed: int, start_iter: int):
         logger.warning("dataloader.train is not detectron2's build_detection_train_loader without "
                        "a sampler: --resume restarts its data order")
     return loader_cfg
+
+
+def _no_traceback_for_expected(record: logging.LogRecord) -> bool:
+    """detectron2's trainer logs every exception with its traceback before re-raising it; an
+    expected one (e.g. NoUsableImagesError from the data loader) is printed as one error line
+    instead."""
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 def do_train(args, cfg):
@@ -125,10 +136,13 @@ def do_train(args, cfg):
         trainer.register_hooks([metrics_writer(
             cfg.train.output_dir, cfg.train.log_period,
             [CommonMetricPrinter(cfg.train.max_iter), TensorboardXWriter(cfg.train.output_dir)])])
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_no_traceback_for_expected)
     trainer.train(point.start_iter, cfg.train.max_iter)
-    skipped = d2_data.num_skipped()
-    if skipped:
-        logger.warning("%d training image(s) could not be read and were skipped", skipped)
+    # Distinct files over all loader workers, per reason; e.g. "3 training image(s) were
+    # skipped: 2 unreadable, 1 size differs from the annotation".
+    summary = d2_data.skip_summary(is_train=True, what="training image(s)")
+    if summary:
+        logger.warning("%s", summary)
 
 
 def _dataset_names(cfg):

@@ -5,16 +5,18 @@
   resize the short side to ``int(input_size / crop_pct)`` (256 for 224), centre-crop
   ``input_size``, ``ToTensor`` (0-1), ``Normalize(mean, std)``.
 * :class:`SafeImageFolder` + :func:`collate_skip_corrupt` never crash on an unreadable image: the
-  sample is dropped from its batch and reported back (``batch["skipped"]``) so the caller can log
-  and count it, whatever the number of loader workers.
+  sample is dropped from its batch and reported back (``batch["skipped"]``, with the reason) so
+  the caller can log and count it, whatever the number of loader workers;
+  :func:`skip_counts` / :func:`describe_skips` count distinct files per reason.
 
 The built-in synthetic folder that the demo evaluates on is written by
 :func:`revvit_d2.data.synthetic.imagenet.make_synthetic_imagefolder`.
 """
 import logging
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -24,6 +26,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 
+from revvit_d2.data.images import READ_ERRORS, high_bit_to_8bit, read_failure_reason
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -32,6 +36,8 @@ __all__ = [
     "SafeImageFolder",
     "SkippedSample",
     "collate_skip_corrupt",
+    "skip_counts",
+    "describe_skips",
     "build_eval_loader",
 ]
 
@@ -95,10 +101,13 @@ def eval_transform_from_cfg(pretrained_cfg: Mapping[str, Any]):
 # Corruption-tolerant ImageFolder
 # --------------------------------------------------------------------------------------------
 class SkippedSample(NamedTuple):
-    """Returned by :class:`SafeImageFolder` in place of a sample that could not be read."""
+    """Returned by :class:`SafeImageFolder` in place of a sample that could not be read.
+    ``reason``: ``missing``, ``not a file``, ``empty file`` or ``unreadable``
+    (:func:`revvit_d2.data.images.read_failure_reason`)."""
 
     path: str
     error: str
+    reason: str = "unreadable"
 
 
 def _check_imagefolder(root: Path):
@@ -114,18 +123,23 @@ def _check_imagefolder(root: Path):
 
 
 def _pil_rgb_loader(path: str):
+    """PIL ``convert("RGB")`` as torchvision's loader (no EXIF rotation: the official eval
+    pipeline has none), with 16/32-bit grayscale scaled to 8 bits instead of saturating."""
     with open(path, "rb") as f:
-        img = Image.open(f)
+        img = high_bit_to_8bit(Image.open(f))
         return img.convert("RGB")  # forces the full decode inside the try of __getitem__
 
 
 class SafeImageFolder(ImageFolder):
     """``torchvision.datasets.ImageFolder`` that does not crash on an unreadable image.
 
-    ``dataset[i]`` is ``(image, label)``, or a :class:`SkippedSample` when decoding or the
-    transform raised; :func:`collate_skip_corrupt` drops those from the batch and reports them,
-    which works with any number of loader workers. ``self.skipped`` also counts them when the
-    dataset is read in this process. A missing or empty directory raises at construction
+    ``dataset[i]`` is ``(image, label)``, or a :class:`SkippedSample` when the file is missing,
+    empty or cannot be decoded, or the transform raised; :func:`collate_skip_corrupt` drops
+    those from the batch and reports them, which works with any number of loader workers.
+    Grayscale, palette, CMYK, RGBA and 16-bit images load as RGB. :attr:`skipped_files`
+    (``{path: reason}``) and :attr:`skipped` count the *distinct* files skipped when the
+    dataset is read in this process (with loader workers, count the reported
+    ``batch["skipped"]`` paths instead). A missing or empty directory raises at construction
     (``FileNotFoundError`` / ``NotADirectoryError`` / ``ValueError``) with a message naming the
     path.
     """
@@ -138,7 +152,12 @@ class SafeImageFolder(ImageFolder):
         if len(self.samples) == 0:
             raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folders "
                              f"of {root}")
-        self.skipped = 0
+        self.skipped_files: Dict[str, str] = {}
+
+    @property
+    def skipped(self) -> int:
+        """Distinct files skipped so far in this process."""
+        return len(self.skipped_files)
 
     def __getitem__(self, index):
         path, target = self.samples[index]
@@ -146,14 +165,31 @@ class SafeImageFolder(ImageFolder):
             sample = self.loader(path)
             if self.transform is not None:
                 sample = self.transform(sample)
-        except (OSError, ValueError, SyntaxError) as e:
-            # PIL raises UnidentifiedImageError (an OSError) for garbage bytes, OSError for a
-            # truncated file, SyntaxError / ValueError for some broken headers.
-            self.skipped += 1
-            return SkippedSample(path, f"{type(e).__name__}: {e}")
+        except READ_ERRORS as e:
+            reason = read_failure_reason(path, e)
+            self.skipped_files.setdefault(path, reason)
+            return SkippedSample(path, f"{type(e).__name__}: {e}", reason)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+
+def skip_counts(skipped: Iterable[SkippedSample]) -> Dict[str, str]:
+    """``{path: reason}`` of the distinct files among `skipped` (first reason wins)."""
+    out: Dict[str, str] = {}
+    for s in skipped:
+        out.setdefault(s.path, s.reason)
+    return out
+
+
+def describe_skips(reasons: Mapping[str, str]) -> str:
+    """``"2 skipped: 1 unreadable, 1 empty file"`` (``"0 skipped"`` when none) from
+    ``{path: reason}``."""
+    if not reasons:
+        return "0 skipped"
+    counts = Counter(reasons.values())
+    parts = ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
+    return f"{len(reasons)} skipped: {parts}"
 
 
 def collate_skip_corrupt(batch: List[Any]) -> Dict[str, Any]:
