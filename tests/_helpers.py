@@ -38,3 +38,16 @@ def official_key_shapes(key_file: str) -> "OrderedDict[str, torch.Tensor]":
             key, shape = line.split(None, 1)
             sd[key] = torch.empty(json.loads(shape), device="meta")
     return sd
+
+
+def step_gradients(model, x, seed):
+    """One training step of ``model`` on ``x`` (a loss that weighs every logit) after seeding
+    with ``seed``; returns {name: gradient} of every parameter and of the input ("input")."""
+    model.train()
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    logits = model(x)
+    (logits.pow(2).mean() + logits.sum() * 1e-3).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    grads["input"] = x.grad
+    return grads

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import revvit_d2
+from _helpers import step_gradients
 from revvit_d2.modeling import parallel
 from revvit_d2.modeling.reversible import ReversibleBlock
 
@@ -20,24 +21,12 @@ def _sub_blocks(model):
     return [m for blk in model.blocks if isinstance(blk, ReversibleBlock) for m in (blk.F, blk.G)]
 
 
-def _step(model, x, seed):
-    """One training step; returns {name: gradient} of every parameter and of the input."""
-    model.train()
-    x = x.detach().clone().requires_grad_(True)
-    torch.manual_seed(seed)
-    logits = model(x)
-    (logits.pow(2).mean() + logits.sum() * 1e-3).backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    grads["input"] = x.grad
-    return grads
-
-
 def _calls_per_sub_block(model, x):
     counts = {id(m): 0 for m in _sub_blocks(model)}
     handles = [m.register_forward_hook(lambda m, i, o: counts.__setitem__(id(m), counts[id(m)] + 1))
                for m in _sub_blocks(model)]
     try:
-        _step(model, x, seed=1)
+        step_gradients(model, x, seed=1)
     finally:
         for h in handles:
             h.remove()
@@ -62,9 +51,9 @@ def test_parallel_backward_gradients_equal_sequential_and_plain(name, anchor):
     """Drop path and dropout active; every parameter's and the input's gradient. On the CPU the
     parallel schedule does the sequential backward's arithmetic in another order: equal bits."""
     x = torch.randn(3, 3, 64, 64)
-    par = _step(_model(name, rev_anchor_every=anchor, parallel_backward=True), x, seed=9)
-    seq = _step(_model(name, rev_anchor_every=anchor), x, seed=9)
-    plain = _step(_model(name, use_rev_backprop=False), x, seed=9)
+    par = step_gradients(_model(name, rev_anchor_every=anchor, parallel_backward=True), x, seed=9)
+    seq = step_gradients(_model(name, rev_anchor_every=anchor), x, seed=9)
+    plain = step_gradients(_model(name, use_rev_backprop=False), x, seed=9)
     assert par.keys() == seq.keys() == plain.keys()
     for n in par:
         assert par[n] is not None, n
@@ -89,7 +78,7 @@ def test_parallel_schedule_recomputes_one_block_ahead(monkeypatch):
     monkeypatch.setattr(parallel, "_recompute_block", spy_recompute)
     monkeypatch.setattr(parallel, "_gradient_step", spy_gradient)
     model = _model("rev_vit_test", parallel_backward=True)
-    _step(model, torch.randn(2, 3, 64, 64), seed=0)
+    step_gradients(model, torch.randn(2, 3, 64, 64), seed=0)
     n = len(model.blocks)
     expected = [("recompute", n - 1)]
     for k, i in enumerate(range(n - 1, -1, -1)):
@@ -149,9 +138,9 @@ def test_cuda_two_stream_race_against_plain_autograd(monkeypatch, delayed):
 def test_cuda_one_side_stream_per_device_reused():
     model = _model("rev_vit_test", parallel_backward=True, rev_anchor_every=3, depth=8).cuda()
     x = torch.randn(2, 3, 64, 64, device="cuda")
-    _step(model, x, seed=0)
+    step_gradients(model, x, seed=0)
     stream = parallel.side_stream(torch.device("cuda"))
     streams = dict(parallel._SIDE_STREAMS)
-    _step(model, x, seed=1)  # three anchor chunks, a second backward call
+    step_gradients(model, x, seed=1)  # three anchor chunks, a second backward call
     assert len(streams) == 1 and parallel._SIDE_STREAMS == streams
     assert parallel.side_stream(torch.device("cuda")) is stream

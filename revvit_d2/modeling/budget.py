@@ -30,10 +30,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 __all__ = ["saved_bytes_per_image", "estimate_stored_blocks_memory", "choose_stored_blocks"]
 
 
-def _saved_bytes(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) -> int:
-    """Bytes autograd saves during one training forward of ``model`` on fake inputs."""
+def count_saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for the backward during ``model(x)`` (a tensor saved by several
+    operations counted once); ``x`` may be real or fake."""
     total = 0
-    seen = set()  # a tensor saved by several operations is stored once
+    seen = set()
 
     def pack(t):
         nonlocal total
@@ -42,13 +43,18 @@ def _saved_bytes(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtyp
             total += t.numel() * t.element_size()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def _saved_bytes(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype) -> int:
+    """:func:`count_saved_bytes` of one training forward on fake inputs of the model's device."""
     device = next(model.parameters()).device
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.zeros(tuple(input_shape), device=device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            model(x)
-    return total
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return count_saved_bytes(model, x)
 
 
 def saved_bytes_per_image(model: nn.Module, input_shape: Sequence[int],
