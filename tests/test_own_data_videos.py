@@ -1,7 +1,8 @@
 """A user's own Kinetics-format videos: real-codec files written here with PyAV (h264, mpeg4,
-mjpeg, vp8; odd sizes, variable frame rate, an audio track) load, and every broken entry (missing,
-empty, text, truncated, audio-only, too short, frames that do not decode, malformed list lines,
-labels out of range) is skipped with one warning naming it and its reason, counted once per
+mjpeg, vp8; odd sizes, variable frame rate, an audio track) load, a video shorter than one clip
+is used with repeated frames (as in SlowFast and pytorchvideo), and every broken entry (missing,
+empty, text, truncated, audio-only, frames that do not decode, malformed list lines, labels out
+of range) is skipped with one warning naming it and its reason, counted once per
 distinct entry, in the loaders and in tools/run_video.py."""
 import logging
 import os
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "run_video.py"
 
 # The sampling of the demo config (configs/Kinetics/rev_mvit_test_synthetic.py): 8 frames, 2
-# apart at 16 fps; a video needs (8 - 1) * 2 / 16 = 0.875 s.
+# apart at 16 fps; a clip spans (8 - 1) * 2 / 16 = 0.875 s. A shorter video is used anyway: its
+# clip starts at 0 and repeats frames.
 SAMPLING = dict(num_frames=8, sampling_rate=2, target_fps=16)
 FPS = 16
 GOOD_FRAMES = 20  # 1.25 s
@@ -109,13 +111,16 @@ def _write_bad(d: Path):
     (d / "text.mp4").write_text("this is not a video\n")
     write_audio_only(d / "audio.m4a")
     write_audio_only(d / "audio_only.mp4")
-    write_video(d / "two_frames.mp4", "mpeg4", frames=2)
     long.unlink()
     (d / "long.avi").unlink()
     return {"truncated.mp4": "unreadable", "cut_frames.avi": "no frame decoded",
             "zero.mp4": "empty file", "text.mp4": "unreadable", "audio.m4a": "no video stream",
-            "audio_only.mp4": "no video stream", "two_frames.mp4": "too short",
-            "missing.mp4": "file not found"}
+            "audio_only.mp4": "no video stream", "missing.mp4": "file not found"}
+
+
+#: A video shorter than one clip (2 frames, 0.125 s): used, not skipped.
+SHORT = "two_frames.mp4"
+
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +137,9 @@ def own(tmp_path_factory):
         make(d / name)
         good.append(name)
     bad = _write_bad(d)
-    lines = [f"{name} {i % 4}" for i, name in enumerate(good)]
+    write_video(d / SHORT, "mpeg4", frames=2)
+    usable = good + [SHORT]
+    lines = [f"{name} {i % 4}" for i, name in enumerate(usable)]
     lines += [f"{name} {i % 4}" for i, name in enumerate(bad)]
     malformed = {"only_a_path.mp4": "malformed list line", "mpeg4_33x17.mp4 cat":
                  "malformed list line", "mpeg4_33x17.mp4 -1": "label out of range",
@@ -144,7 +151,8 @@ def own(tmp_path_factory):
     expected = dict(bad)
     for n, reason in enumerate(malformed.values(), first_bad_line):
         expected[f"mixed.csv:{n}"] = reason
-    return dict(dir=d, good=good, bad=bad, expected=expected, missing_codecs=missing_codecs)
+    return dict(dir=d, good=good, usable=usable, bad=bad, expected=expected,
+                missing_codecs=missing_codecs)
 
 
 def _names(entries):
@@ -203,6 +211,31 @@ def test_every_good_video_loads_with_every_view(own, caplog):
     assert loader.skipped_entries() == {} and not _warnings(caplog)
 
 
+def test_video_shorter_than_a_clip_is_used_with_repeated_frames(own, tmp_path, caplog):
+    """2 frames (0.125 s) where a clip spans 0.875 s: the train and the test loader both make
+    clips of the full shape from it (frames repeated, as SlowFast's decoder and pytorchvideo
+    do), and nothing is skipped."""
+    from revvit_video.data import build_kinetics_train_loader
+
+    caplog.set_level(logging.WARNING)
+    lst = tmp_path / "short.csv"
+    lst.write_text(f"{own['dir'] / SHORT} 3\n")
+    loader = _test_loader(lst)
+    batches = [b for b in loader if b["video"] is not None]
+    assert _views(loader) == {0: 2}
+    clip = batches[0]["video"][0]
+    assert clip.shape == (3, 8, 16, 16)
+    # The two source frames differ (their red channel); 8 frames from 2 repeat them.
+    distinct = {tuple(clip[:, t].flatten().tolist()) for t in range(8)}
+    assert 1 < len(distinct) <= 2
+    assert loader.skipped_entries() == {}
+    train = build_kinetics_train_loader(str(lst), **SAMPLING, crop_size=16, total_batch_size=1,
+                                        num_workers=0, seed=0, num_classes=4)
+    batch = next(iter(train))
+    assert batch["video"].shape == (1, 3, 8, 16, 16) and batch["label"].tolist() == [3]
+    assert train.skipped.entries() == {} and not _warnings(caplog)
+
+
 # ---------------------------------------------------------------------------------------------
 # Broken entries: one warning each, distinct counts per reason
 # ---------------------------------------------------------------------------------------------
@@ -215,16 +248,16 @@ def test_test_loader_skips_each_bad_entry_once_with_its_reason(own, caplog, work
     data_mod._WARNED.clear()  # warnings are once per process: each case starts afresh
     caplog.set_level(logging.WARNING)
     loader = _test_loader(own["dir"] / "mixed.csv", num_workers=workers)
-    assert loader.num_videos == len(own["good"]) + len(own["expected"])  # every entry
+    assert loader.num_videos == len(own["usable"]) + len(own["expected"])  # every entry
     for _ in range(2):  # a second pass: same counts, no second warning
         views = _views(loader)
-        assert sorted(views) == list(range(len(own["good"])))
+        assert sorted(views) == list(range(len(own["usable"])))  # the short video too
         assert set(views.values()) == {2}
         assert _names(loader.skipped_entries()) == own["expected"]
     _warned_once_each(caplog, own["expected"])
     counts = skip_counts(loader.skipped_entries())
     assert counts == {"unreadable": 2, "no frame decoded": 1, "empty file": 1,
-                      "no video stream": 2, "too short": 1, "file not found": 1,
+                      "no video stream": 2, "file not found": 1,
                       "malformed list line": 2, "label out of range": 2}
 
 
@@ -239,7 +272,7 @@ def test_train_loader_counts_distinct_files_over_epochs(own, caplog):
                                          num_classes=4)
     stream = iter(loader)
     ipe = loader.iters_per_epoch
-    good = set(range(len(own["good"])))
+    good = set(range(len(own["usable"])))
     for _ in range(3 * ipe):  # three epochs: the sampler meets every bad file three times
         batch = next(stream)
         assert set(batch["video_index"].tolist()) <= good
@@ -329,7 +362,7 @@ def test_run_video_trains_and_evaluates_on_own_list(own, tmp_path):
     out = tmp_path / "out"
     # One epoch: floor(usable entries / 2) iterations of 2 clips; the epoch's order of videos
     # restarts until it has them, so training meets every broken file at least once.
-    epoch = (len(own["good"]) + len(own["bad"])) // 2
+    epoch = (len(own["usable"]) + len(own["bad"])) // 2
     args = [f"dataloader.train.data_path={lst}", f"dataloader.test.data_path={lst}",
             f"train.output_dir={out}", f"train.max_iter={epoch}", "train.log_period=1",
             "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
@@ -340,15 +373,15 @@ def test_run_video_trains_and_evaluates_on_own_list(own, tmp_path):
                           env=env, cwd=str(ROOT), timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    entries = len(own["good"]) + len(own["expected"])
+    entries = len(own["usable"]) + len(own["expected"])
     bad = len(own["expected"])
     why = ("2 label out of range, 2 malformed list line, 2 no video stream, 2 unreadable, "
-           "1 empty file, 1 file not found, 1 no frame decoded, 1 too short")
+           "1 empty file, 1 file not found, 1 no frame decoded")
     assert f"Training skipped {bad} of {entries} list entries ({why})\n" in proc.stdout, \
         log[-4000:]
     assert f"; {bad} skipped ({why}), 0 with fewer views" in proc.stdout, log[-4000:]
     last = proc.stdout.rstrip().splitlines()[-1]
-    assert re.match(rf"^\* Top-1 [\d.]+ Top-5 [\d.]+ videos {len(own['good'])} skipped {bad} ",
+    assert re.match(rf"^\* Top-1 [\d.]+ Top-5 [\d.]+ videos {len(own['usable'])} skipped {bad} ",
                     last), last
     for name in own["bad"]:  # one warning per bad file in the test pass
         assert len(re.findall(rf"skipping test video \S*/{re.escape(name)}: ", proc.stdout)) == 1

@@ -23,13 +23,16 @@ key) in the training process and records after each batch where it is (``state_d
 iteration, epoch, position); a run resumed from a checkpoint holding that state continues with
 exactly the batches the uninterrupted run would have had.
 
-Faults. Entries that cannot be used (unreadable, missing or empty files, no video stream, too
-short for one clip at the sampling, clips that decode to no frame, malformed list lines, labels
-out of range) are reported by the datasets (:mod:`revvit_video.datasets`); the loaders log each
-with its reason the first time this process meets it and count distinct entries per reason
-(``loader.skipped``, :meth:`VideoTestLoader.skipped_entries`). A video is too short when it
-ends before the last frame of a clip: ``(num_frames - 1) * sampling_rate / target_fps`` seconds
-(:func:`min_video_duration`; a shorter video would give a clip of repeated frames).
+Faults. Entries that cannot be used (unreadable, missing or empty files, no video stream, clips
+that decode to no frame, malformed list lines, labels out of range) are reported by the datasets
+(:mod:`revvit_video.datasets`); the loaders log each with its reason the first time this process
+meets it and count distinct entries per reason (``loader.skipped``,
+:meth:`VideoTestLoader.skipped_entries`). A video shorter than one clip (it ends before the last
+frame of a clip, ``(num_frames - 1) * sampling_rate / target_fps`` seconds:
+:func:`min_video_duration`) is used, not skipped: its clip starts at 0 and repeats frames to
+fill ``num_frames``, as the official SlowFast decoder and pytorchvideo do, so the dataset has
+the official size. The datasets can still skip such videos (``min_duration``; reason ``too
+short``); the loaders do not ask them to, and tools/check_dataset.py reports them as a warning.
 
 The dataset names (``SkipCountingVideoDataset``, ``TrainClipDataset``, ``read_video_list``, ...)
 are importable from here too.
@@ -344,7 +347,7 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
         read_video_list(data_path, video_path_prefix, num_classes),
         make_clip_sampler("random", clip_duration(num_frames, sampling_rate, target_fps)),
         transform, seed=int(seed), num_replicas=world, rank=rank,
-        min_duration=min_video_duration(num_frames, sampling_rate, target_fps))
+        min_duration=None)  # short videos repeat frames (SlowFast, pytorchvideo): see Faults
     per_rank = len(dataset)
     if per_rank < batch:
         logger.warning("%d videos per process but %d clips per batch: an epoch is one batch",
@@ -386,7 +389,7 @@ def build_kinetics_test_loader(data_path: str, *, num_frames: int = 16, sampling
                                      clip_duration(num_frames, sampling_rate, target_fps),
                                      int(num_clips), int(num_crops)),
         sampler, transform, video_path_prefix, num_classes=num_classes,
-        min_duration=min_video_duration(num_frames, sampling_rate, target_fps))
+        min_duration=None)  # short videos repeat frames (SlowFast, pytorchvideo): see Faults
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     return VideoTestLoader(dataset, batch_size, num_workers, int(num_clips) * int(num_crops), pin)
 

@@ -185,7 +185,9 @@ class SkipCountingVideoDataset(_SkipReporting, LabeledVideoDataset):
     ``{"video": None, "skipped": [...]}`` carries them; :func:`collate_video_batch` drops such
     samples from the batch and keeps their records. Samples also get ``"video_index"`` (as in
     pytorchvideo) so that test views can be grouped per video. A video shorter than
-    `min_duration` seconds (when given) is skipped as too short.
+    `min_duration` seconds (when given) is skipped as too short; the loaders of
+    :mod:`revvit_video.data` give None, so a short video is used with repeated frames, as in
+    SlowFast and pytorchvideo.
     """
 
     def __init__(self, labeled_video_paths: LabeledVideoPaths, clip_sampler,
@@ -229,7 +231,8 @@ class TrainClipDataset(_SkipReporting, torch.utils.data.Dataset):
         transform: sample dict -> sample dict.
         seed: seed of the orders (``DistributedSampler``) and of the samples.
         num_replicas, rank: this process's share of each epoch (``DistributedSampler``).
-        min_duration: videos shorter than this (seconds) are skipped as too short.
+        min_duration: videos shorter than this (seconds) are skipped as too short; None (the
+            loaders' choice): used, their clip repeating frames as in SlowFast and pytorchvideo.
     """
 
     def __init__(self, labeled_video_paths: LabeledVideoPaths, clip_sampler,
@@ -313,7 +316,8 @@ def kinetics_dataset(data_path: str, clip_sampler, video_sampler=torch.utils.dat
                      min_duration: Optional[float] = None) -> SkipCountingVideoDataset:
     """``pytorchvideo.data.Kinetics`` with skip counting (:class:`SkipCountingVideoDataset`);
     audio is not decoded. The rejected list lines are in ``dataset.labeled_video_paths
-    .rejected``."""
+    .rejected``. Videos shorter than `min_duration` seconds (when given) are skipped as too
+    short; with None they are used, their clips repeating frames."""
     paths = read_video_list(data_path, video_path_prefix, num_classes)
     return SkipCountingVideoDataset(paths, clip_sampler, video_sampler, transform, decoder,
                                     min_duration)
