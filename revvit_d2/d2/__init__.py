@@ -2,6 +2,7 @@
 from .backbone import (HybridStem, LastLevelMaxPool, RevMViTBackbone, RevSimpleFeaturePyramid,
                        RevViTBackbone)
 from .checkpoint import RevvitCheckpointer, find_reversible_core
+from .coco_json import register_coco_instances
 from .yacs import add_revvit_config, build_revmvit_fpn_backbone, build_revvit_sfp_backbone
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "build_revmvit_fpn_backbone",
     "build_revvit_sfp_backbone",
     "find_reversible_core",
+    "register_coco_instances",
 ]

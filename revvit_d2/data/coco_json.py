@@ -1,0 +1,377 @@
+"""A user's COCO json, cleaned of the entries that stop detectron2 (no detectron2 needed here).
+
+detectron2's ``load_coco_json`` stops the whole run for one bad entry: an annotation whose
+``category_id`` is not in ``categories`` (``KeyError``), duplicate annotation ids
+(``AssertionError``), an empty ``bbox`` (``ValueError``), an ``ignore`` flag; a missing or NaN box
+crashes later in the mapper, and COCO's evaluation (pycocotools) crashes on annotations without
+``area`` / ``iscrowd`` or with a segmentation it cannot rasterise. :func:`clean_coco_json` returns
+a copy of the parsed json without them and a :class:`JsonProblem` per entry it dropped, renumbered
+or filled in; :func:`read_coco_json` reads the file with one-line errors.
+
+The registration that uses it (a drop-in for detectron2's ``register_coco_instances``) is
+:mod:`revvit_d2.d2.coco_json`; the preflight check (tools/check_dataset.py) reports the same
+problems before a run.
+"""
+import collections
+import json
+import math
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+from revvit_d2.utils.errors import UserError
+
+__all__ = [
+    "CocoJsonError", "JsonProblem", "JSON_REASONS", "DROPPED_REASONS", "clean_coco_json",
+    "read_coco_json", "clean_coco_json_changed", "problem_counts", "UNKNOWN_CATEGORY", "UNKNOWN_IMAGE", "DUPLICATE_ANNOTATION_ID",
+    "MISSING_ANNOTATION_ID", "DUPLICATE_IMAGE_ID", "DUPLICATE_CATEGORY_ID", "MALFORMED_IMAGE",
+    "MALFORMED_CATEGORY", "MALFORMED_ANNOTATION", "BAD_BOX", "INVALID_SEGMENTATION",
+    "INVALID_POLYGON", "IGNORE_FLAG", "MISSING_AREA_OR_ISCROWD", "NO_ANNOTATION",
+]
+
+# Reasons, in the order problems of an entry are checked. What happens to the entry follows.
+UNKNOWN_CATEGORY = "unknown category id"            # annotation dropped
+UNKNOWN_IMAGE = "unknown image id"                  # annotation dropped
+DUPLICATE_ANNOTATION_ID = "duplicate annotation id"  # kept with a fresh id
+MISSING_ANNOTATION_ID = "missing annotation id"     # kept with a fresh id (pycocotools: KeyError)
+DUPLICATE_IMAGE_ID = "duplicate image id"           # later entries dropped
+DUPLICATE_CATEGORY_ID = "duplicate category id"     # later entries dropped
+MALFORMED_IMAGE = "malformed image entry"           # image dropped with its annotations
+MALFORMED_CATEGORY = "malformed category entry"     # no integer id or no name: dropped
+MALFORMED_ANNOTATION = "malformed annotation entry"  # not an object: dropped
+BAD_BOX = "bad box"                                 # annotation dropped
+INVALID_SEGMENTATION = "invalid segmentation"       # annotation dropped (as detectron2 does)
+INVALID_POLYGON = "invalid polygon"                 # the polygon removed, annotation kept
+IGNORE_FLAG = "ignore flag"                         # kept as iscrowd=1, "ignore" removed
+MISSING_AREA_OR_ISCROWD = "missing area or iscrowd"  # filled: box area, iscrowd 0
+NO_ANNOTATION = "no annotation"                     # image kept: reported only
+
+#: Every reason :func:`clean_coco_json` reports.
+JSON_REASONS = (UNKNOWN_CATEGORY, UNKNOWN_IMAGE, DUPLICATE_ANNOTATION_ID, MISSING_ANNOTATION_ID,
+                DUPLICATE_IMAGE_ID, DUPLICATE_CATEGORY_ID, MALFORMED_IMAGE, MALFORMED_CATEGORY,
+                MALFORMED_ANNOTATION, BAD_BOX, INVALID_SEGMENTATION, INVALID_POLYGON,
+                IGNORE_FLAG, MISSING_AREA_OR_ISCROWD, NO_ANNOTATION)
+#: The reasons whose entry is left out of the cleaned json.
+DROPPED_REASONS = (UNKNOWN_CATEGORY, UNKNOWN_IMAGE, DUPLICATE_IMAGE_ID, DUPLICATE_CATEGORY_ID,
+                   MALFORMED_IMAGE, MALFORMED_CATEGORY, MALFORMED_ANNOTATION, BAD_BOX,
+                   INVALID_SEGMENTATION)
+
+
+class CocoJsonError(UserError, ValueError):
+    """A COCO json that cannot be used at all (missing, not json, not a COCO dict, nothing
+    usable in it); the message is one line."""
+
+
+class JsonProblem(NamedTuple):
+    """One entry of a COCO json that could not be used as it is.
+
+    ``where``: ``"<json path>:annotation <id>"``, ``":image <id>"`` or ``":category <id>"``
+    (``#<n>``, the 0-based position in its list, for an entry without a usable id);
+    ``reason``: one of :data:`JSON_REASONS`; ``detail``: what is wrong, and what was done when
+    that is not implied by the reason.
+    """
+    where: str
+    reason: str
+    detail: str
+
+
+def read_coco_json(path) -> dict:
+    """The parsed COCO json at `path`; :class:`CocoJsonError` (one line) when the file is
+    missing, not json, or not a COCO dict (an object with ``images`` and ``categories`` lists;
+    ``annotations``, when present, a list: an image-info json such as COCO's test-dev has
+    none)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CocoJsonError(f"COCO json not found: {path}")
+    if not os.path.isfile(path):
+        raise CocoJsonError(f"COCO json is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CocoJsonError(f"{path} is not a json file ({e})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise CocoJsonError(f"cannot read the COCO json {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise CocoJsonError(f"{path} is not a COCO json: it holds a {type(data).__name__}, not "
+                            f"an object with 'images', 'annotations' and 'categories'")
+    missing = [k for k in ("images", "categories") if not isinstance(data.get(k), list)]
+    if "annotations" in data and not isinstance(data["annotations"], list):
+        missing.append("annotations")
+    if missing:
+        raise CocoJsonError(f"{path} is not a COCO json: no {' / '.join(repr(k) for k in missing)}"
+                            f" list")
+    return data
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive_whole(x) -> bool:
+    return _is_number(x) and x > 0 and float(x).is_integer()
+
+
+def _image_problem(img) -> Optional[str]:
+    if not isinstance(img, dict):
+        return f"not an object: {type(img).__name__}"
+    if not isinstance(img.get("id"), (int, str)) or isinstance(img.get("id"), bool):
+        return f"no integer id (id {img.get('id')!r})"
+    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+        return f"no file_name ({img.get('file_name')!r})"
+    bad = [f"{k} {img.get(k)!r}" for k in ("width", "height") if not _positive_whole(img.get(k))]
+    if bad:
+        return f"width and height must be positive integers: {', '.join(bad)}"
+    return None
+
+
+def _box_problem(bbox) -> Optional[str]:
+    if bbox is None:
+        return "no bbox"
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"bbox must be [x, y, width, height], got {bbox!r}"[:200]
+    if not all(_is_number(v) for v in bbox):
+        return f"bbox values must be finite numbers, got {bbox!r}"[:200]
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"empty box: width {bbox[2]}, height {bbox[3]}"
+    return None
+
+
+def _is_polygon(p) -> bool:
+    return isinstance(p, list) and all(_is_number(v) for v in p)
+
+
+def _valid_polygon(p) -> bool:  # detectron2's load_coco_json test, on a list of numbers
+    return len(p) % 2 == 0 and len(p) >= 6
+
+
+def _segmentation(segm, img: dict) -> Tuple[Any, Optional[str], Optional[str]]:
+    """``(segmentation to keep, invalid-segmentation detail, invalid-polygon detail)``.
+
+    Follows detectron2's ``load_coco_json``: a falsy segmentation (``[]``, missing) is no
+    segmentation (the annotation is kept: boxes only); a polygon list without any polygon of
+    >= 3 points (even length >= 6) drops the instance; shorter polygons next to valid ones are
+    removed. What would crash it or pycocotools (a flat list of numbers, polygons that are not
+    lists of numbers, an RLE without ``counts`` / ``size`` or of another size than the image)
+    drops the annotation too: the mapper's mask code and COCO's segm evaluation cannot use it.
+    """
+    if not segm:
+        return segm, None, None
+    if isinstance(segm, dict):
+        size, counts = segm.get("size"), segm.get("counts")
+        if not isinstance(counts, (str, list)) or not (isinstance(size, (list, tuple))
+                                                       and len(size) == 2):
+            return segm, f"RLE needs 'counts' and 'size' [height, width], got keys " \
+                         f"{sorted(segm)}", None
+        if [size[0], size[1]] != [img["height"], img["width"]]:
+            return segm, (f"RLE size {list(size)} is not the image's [height, width] "
+                          f"[{img['height']}, {img['width']}]"), None
+        return segm, None, None
+    if not isinstance(segm, list):
+        return segm, f"not a polygon list or an RLE object: {type(segm).__name__}", None
+    if not all(isinstance(p, list) for p in segm):
+        hint = (" (a flat list of numbers? COCO polygons are [[x1, y1, x2, y2, ...], ...])"
+                if all(_is_number(v) for v in segm) else "")
+        return segm, f"polygons must be lists of numbers{hint}", None
+    if not all(_is_polygon(p) for p in segm):
+        return segm, "a polygon holds something other than finite numbers", None
+    valid = [p for p in segm if _valid_polygon(p)]
+    if not valid:
+        lengths = ", ".join(str(len(p)) for p in segm[:5])
+        return segm, (f"no polygon with 3 or more points (numbers per polygon: {lengths}); "
+                      f"detectron2's loader drops such an instance"), None
+    if len(valid) < len(segm):
+        return valid, None, (f"{len(segm) - len(valid)} of {len(segm)} polygons with fewer than 3 "
+                             f"points or an odd length removed (as detectron2's loader does)")
+    return segm, None, None
+
+
+def clean_coco_json(data: dict, source: str = "") -> Tuple[dict, List[JsonProblem]]:
+    """The entries of a parsed COCO json that detectron2 or pycocotools cannot use, removed or
+    mended; and one :class:`JsonProblem` per such entry.
+
+    Args:
+        data: the parsed json (:func:`read_coco_json`); not modified.
+        source: the json's path, the prefix of each problem's ``where``.
+
+    Returns:
+        ``(cleaned, problems)``: a new dict (other top-level keys kept; changed entries are
+        copies, unchanged ones the input's objects) and the problems in a stable order:
+        categories, images, annotations (each in json order; the id fixes after the other
+        annotation problems), then images without annotation.
+        Reasons and what is done (:data:`JSON_REASONS`): entries with an unknown category or
+        image id, a bad box (missing, not 4 finite numbers, width or height <= 0), an invalid
+        segmentation (see :func:`_segmentation`) or that are not objects are dropped;
+        duplicate image / category ids keep the first entry; malformed images (no
+        ``file_name``, width / height not positive integers) are dropped with their
+        annotations; duplicate or missing annotation ids get fresh ones; ``ignore: 1`` becomes
+        ``iscrowd: 1`` (detectron2 refuses ``ignore``; COCO's evaluation reads it as crowd);
+        missing ``area`` (the box's) and ``iscrowd`` (0) are filled in for COCO's evaluation;
+        images left without annotation are reported only (detectron2 leaves them out of
+        training itself, evaluation keeps them).
+    """
+    cleaned, problems, _ = clean_coco_json_changed(data, source)
+    return cleaned, problems
+
+
+def clean_coco_json_changed(data: dict, source: str = ""
+                            ) -> Tuple[dict, List[JsonProblem], bool]:
+    """:func:`clean_coco_json` and whether the cleaned json differs from `data` (an entry was
+    dropped, renumbered or mended: a reason other than :data:`NO_ANNOTATION`)."""
+    problems: List[JsonProblem] = []
+    prefix = f"{source}:" if source else ""
+
+    def report(kind: str, ident, reason: str, detail: str):
+        problems.append(JsonProblem(f"{prefix}{kind} {ident}", reason, detail))
+
+    def ident(entry, index):
+        has = isinstance(entry, dict) and isinstance(entry.get("id"), (int, str)) \
+            and not isinstance(entry.get("id"), bool)
+        return entry["id"] if has else f"#{index}"
+
+    # Categories: an integer id and a name (detectron2 sorts the ids and reads the names).
+    categories, cat_ids = [], set()
+    for i, c in enumerate(data.get("categories") or []):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"),
+                                                                                   str):
+            what = (f"not an object: {type(c).__name__}" if not isinstance(c, dict) else
+                    f"needs an integer id and a name, got id {c.get('id')!r}, "
+                    f"name {c.get('name')!r}")
+            report("category", ident(c, i), MALFORMED_CATEGORY, what)
+        elif c["id"] in cat_ids:
+            report("category", c["id"], DUPLICATE_CATEGORY_ID,
+                   f"{c.get('name')!r} dropped; the first category with this id is kept")
+        else:
+            cat_ids.add(c["id"])
+            categories.append(c)
+
+    # Images. Annotations per image id first, to say what a dropped image takes with it.
+    raw_anns = data.get("annotations") or []
+    per_image = collections.Counter(a.get("image_id") for a in raw_anns
+                                    if isinstance(a, dict) and isinstance(a.get("image_id"),
+                                                                          (int, str)))
+    images, image_by_id, dropped_image_ids = [], {}, set()
+    for i, img in enumerate(data.get("images") or []):
+        why = _image_problem(img)
+        if why is not None:
+            n = per_image.get(img.get("id"), 0) if isinstance(img, dict) and _hashable(
+                img.get("id")) else 0
+            if isinstance(img, dict) and _hashable(img.get("id")) and img.get("id") not in \
+                    image_by_id:
+                dropped_image_ids.add(img.get("id"))
+            report("image", ident(img, i), MALFORMED_IMAGE,
+                   f"{why}; dropped with its {n} annotation(s)" if n else why)
+        elif img["id"] in image_by_id:
+            report("image", img["id"], DUPLICATE_IMAGE_ID,
+                   f"{img.get('file_name')!r} dropped; the first image with this id "
+                   f"({image_by_id[img['id']].get('file_name')!r}) is kept")
+        else:
+            image_by_id[img["id"]] = img
+            images.append(img)
+    dropped_image_ids -= set(image_by_id)
+
+    # Annotations.
+    annotations, positions, changed_anns = [], [], 0
+    for i, a in enumerate(raw_anns):
+        aid = ident(a, i)
+        if not isinstance(a, dict):
+            report("annotation", aid, MALFORMED_ANNOTATION, f"not an object: {type(a).__name__}")
+            continue
+        image_id = a.get("image_id")
+        if _hashable(image_id) and image_id in dropped_image_ids:
+            continue  # told with the image
+        if not _hashable(image_id) or image_id not in image_by_id:
+            report("annotation", aid, UNKNOWN_IMAGE, f"image_id {image_id!r} is not an image")
+            continue
+        if not _is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
+            report("annotation", aid, UNKNOWN_CATEGORY,
+                   f"category_id {a.get('category_id')!r} is not in 'categories'")
+            continue
+        why = _box_problem(a.get("bbox"))
+        if why is not None:
+            report("annotation", aid, BAD_BOX, why)
+            continue
+        img = image_by_id[image_id]
+        segm, invalid, partly = _segmentation(a.get("segmentation"), img)
+        if invalid is not None:
+            report("annotation", aid, INVALID_SEGMENTATION, invalid)
+            continue
+        mended = {}
+        if partly is not None:
+            report("annotation", aid, INVALID_POLYGON, partly)
+            mended["segmentation"] = segm
+        if a.get("ignore", 0):
+            report("annotation", aid, IGNORE_FLAG,
+                   f"ignore {a['ignore']!r}: kept as iscrowd=1 (detectron2 refuses 'ignore'; "
+                   f"COCO's evaluation reads it as a crowd region)")
+            mended["iscrowd"] = 1
+        missing = [k for k in ("area", "iscrowd") if k not in a and k not in mended
+                   or k == "area" and not _is_number(a.get("area"))]
+        if missing:
+            w, h = a["bbox"][2], a["bbox"][3]
+            if "area" in missing:
+                mended["area"] = float(w) * float(h)
+            if "iscrowd" in missing:
+                mended["iscrowd"] = 0
+            report("annotation", aid, MISSING_AREA_OR_ISCROWD,
+                   "filled in: " + ", ".join(f"{k} {mended[k]!r}" for k in missing)
+                   + (" (the box's area)" if "area" in missing else ""))
+        if mended:
+            a = {k: v for k, v in a.items() if k != "ignore"}
+            a.update(mended)
+            changed_anns += 1
+        annotations.append(a)
+        positions.append(i)
+
+    # Annotation ids: unique integers (pycocotools indexes by id, detectron2 asserts).
+    # Fresh ids are above every id of the input, dropped entries' included (no confusion).
+    taken = {a["id"] for a in raw_anns if isinstance(a, dict) and _is_int(a.get("id"))}
+    next_id = max(taken, default=0) + 1
+    seen = set()
+    for k, a in enumerate(annotations):
+        aid = a.get("id")
+        if _is_int(aid) and aid not in seen:
+            seen.add(aid)
+            continue
+        while next_id in taken:
+            next_id += 1
+        if _is_int(aid):
+            report("annotation", aid, DUPLICATE_ANNOTATION_ID,
+                   f"id {aid} is used by an earlier annotation; this one (image {a['image_id']}) "
+                   f"is kept with the new id {next_id}")
+        else:
+            report("annotation", f"#{positions[k]}", MISSING_ANNOTATION_ID,
+                   f"id {aid!r} is not an integer; kept with the new id {next_id}")
+        annotations[k] = dict(a, id=next_id)
+        taken.add(next_id)
+        seen.add(next_id)
+        changed_anns += 1
+
+    changed = bool(problems) or changed_anns > 0
+    # Images without annotation: reported only (and they do not make the json change).
+    with_anns = {a["image_id"] for a in annotations}
+    for img in images:
+        if img["id"] not in with_anns:
+            n = per_image.get(img["id"], 0)
+            report("image", img["id"], NO_ANNOTATION,
+                   f"its {n} annotation(s) were dropped" if n else "none in the json")
+
+    cleaned = {k: v for k, v in data.items()
+               if k not in ("images", "annotations", "categories")}
+    cleaned.update(images=images, annotations=annotations, categories=categories)
+    if "annotations" not in data and not annotations:
+        del cleaned["annotations"]
+    return cleaned, problems, changed
+
+
+def _hashable(x) -> bool:
+    return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
+def problem_counts(problems: List[JsonProblem]) -> Dict[str, int]:
+    """``{reason: number of entries}``, in :data:`JSON_REASONS` order."""
+    counts = collections.Counter(p.reason for p in problems)
+    return {r: counts[r] for r in JSON_REASONS if counts[r]}
