@@ -4,8 +4,10 @@ survives bad input.
 * :func:`register_synthetic_coco` generates the built-in COCO shapes dataset
   (:mod:`revvit_d2.data.synthetic.coco_shapes`) on first use under
   ``$REVVIT_DATASETS/coco_synthetic`` (default ``./datasets/coco_synthetic``) and registers the
-  two splits (``revvit_shapes_train`` / ``revvit_shapes_val``) with detectron2's
-  ``register_coco_instances``. Safe to call repeatedly and from several processes.
+  two splits (``revvit_shapes_train`` / ``revvit_shapes_val``) with
+  :func:`revvit_d2.d2.coco_json.register_coco_instances` (detectron2's, with the json checked
+  first; the generated json is clean, so detectron2 reads it as it is). Safe to call
+  repeatedly and from several processes.
 * :class:`SafeDatasetMapper` is detectron2's ``DatasetMapper`` with the image read guarded: a
   missing, unreadable or empty image file, or one whose size differs from its annotation, is
   logged once, counted (distinct files, across data-loader workers) and the mapper returns
@@ -30,7 +32,6 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
@@ -38,6 +39,8 @@ from revvit_d2.data.images import READ_ERRORS, high_bit_to_8bit, read_failure_re
 from revvit_d2.data.synthetic.coco_shapes import (CLASSES, default_coco_synthetic_root,
                                                   make_synthetic_coco)
 from revvit_d2.utils.errors import UserError, one_line
+
+from .coco_json import register_coco_instances
 
 logger = logging.getLogger(__name__)
 
