@@ -58,6 +58,7 @@ def broken_json():
         _ann(15, segmentation=POLY + [[1.0, 2.0]]),         # one invalid polygon
         _ann(16, image_id=6, bbox=(0, 0, -1, 4)),           # image 6's only annotation
         _ann(13, image_id=2, segmentation=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),  # flat list
+        _ann(14, segmentation=[]),                          # no mask among masks
     ]
     data = {
         "info": {"description": "broken on purpose"},
@@ -88,6 +89,7 @@ def broken_json():
         ("annotation 13", "invalid segmentation"),
         ("annotation 1", "duplicate annotation id"),
         ("annotation #12", "missing annotation id"),
+        ("annotation 14", "no segmentation"),
         ("image 3", "no annotation"),
         ("image 6", "no annotation"),
     ]
@@ -137,7 +139,8 @@ def test_every_problem_found_once_in_a_stable_order():
     assert cleaned["categories"] == [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     assert cleaned["info"] == data["info"]
     anns = {a["id"]: a for a in cleaned["annotations"]}
-    assert sorted(anns) == [1, 11, 12, 15, 17, 18]
+    assert sorted(anns) == [1, 11, 12, 14, 15, 17, 18]
+    assert anns[14]["segmentation"] == []  # training keeps it as it is
     assert anns[17]["image_id"] == 2 and anns[18]["image_id"] == 1
     assert anns[11]["area"] == 100.0 and anns[11]["iscrowd"] == 0
     assert anns[12]["iscrowd"] == 1 and "ignore" not in anns[12]
@@ -177,14 +180,19 @@ def test_stock_detectron2_stops_where_the_cleaned_dataset_loads(tmp_path, cache,
         dicts = DatasetCatalog.get(name)
         records = list(caplog.records)
         meta = MetadataCatalog.get(name)
-        # Images 1, 2, 3, 6; annotations 1, 11, 12, 15, 18 on image 1 and 17 on image 2.
+        # Images 1, 2, 3, 6; annotations 1, 11, 12, 14, 15, 18 on image 1, 17 on image 2.
         assert [d["image_id"] for d in dicts] == [1, 2, 3, 6]
-        assert [len(d["annotations"]) for d in dicts] == [5, 1, 0, 0]
+        assert [len(d["annotations"]) for d in dicts] == [6, 1, 0, 0]
+        assert ["segmentation" in a for a in dicts[0]["annotations"]] == [True] * 5 + [False]
         assert meta.thing_classes == ["a", "b"] and meta.evaluator_type == "coco"
-        assert meta.json_file == str(cleaned_json_path(path)) != str(path)
-        assert cleaned_json_path(path).parent == cache
+        # Training reads the cleaned copy; the evaluator its variant where 14 has its box as
+        # its mask (pycocotools' mask evaluation stops on an annotation without one).
+        assert sorted(p.name for p in cache.iterdir()) == sorted(
+            [cleaned_json_path(path).name, cleaned_json_path(path, kind="eval").name])
+        assert meta.json_file == str(cleaned_json_path(path, kind="eval"))
         assert meta.image_root == str(tmp_path)
-        assert DatasetCatalog.get(name) == dicts  # loads again (same metadata)
+        assert DatasetCatalog.get(name) == dicts  # loads again (same metadata), no new log
+        assert len(caplog.records) == len(records)
     lines = [r for r in records if r.name == "revvit_d2.d2.coco_json"]
     warned = [r.getMessage() for r in lines if r.levelno == logging.WARNING]
     reasons = {r for _, r in expected}
@@ -194,20 +202,23 @@ def test_stock_detectron2_stops_where_the_cleaned_dataset_loads(tmp_path, cache,
     info = [r.getMessage() for r in lines if r.levelno == logging.INFO]
     assert any(": no annotation: 2 image(s) kept" in m for m in info), info
 
-    # COCO's evaluation runs on the cleaned copy: the ground truth as detections gives AP 1.
+    # COCO's box and mask evaluation run on the evaluator's copy: the ground truth as
+    # detections gives AP 1.
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(meta.json_file)
-        dets = gt.loadRes([{"image_id": a["image_id"], "category_id": a["category_id"],
-                            "bbox": a["bbox"], "score": 1.0} for a in gt.dataset["annotations"]
-                           if not a["iscrowd"]])
-        ev = COCOeval(gt, dets, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    assert math.isclose(ev.stats[0], 1.0)
+    for iou_type in ("bbox", "segm"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(meta.json_file)
+            dets = gt.loadRes([{"image_id": a["image_id"], "category_id": a["category_id"],
+                                "bbox": a["bbox"], "segmentation": a["segmentation"],
+                                "score": 1.0}
+                               for a in gt.dataset["annotations"] if not a["iscrowd"]])
+            ev = COCOeval(gt, dets, iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        assert math.isclose(ev.stats[0], 1.0), iou_type
 
 
 @pytest.mark.parametrize("case", ["unknown category", "duplicate annotation id", "empty bbox",
@@ -263,10 +274,30 @@ def test_cleaned_copy_follows_the_source(tmp_path, cache):
     path = _write(tmp_path / "t.json", data)
     first = cleaned_json_path(path)
     load_clean_coco_json(str(path), str(tmp_path))
-    assert first.is_file() and [p.name for p in cache.iterdir()] == [first.name]
+    assert first.is_file() and len(list(cache.iterdir())) == 2  # and the evaluator's
     data["images"].append(_img(7))
     _write(path, data)
     second = cleaned_json_path(path)
     assert second != first
     load_clean_coco_json(str(path), str(tmp_path))
     assert len(json.loads(second.read_text())["images"]) == 5
+
+
+def test_masks_on_some_annotations_only(tmp_path, cache):
+    """Nothing to clean for training (the annotation without a mask trains its box), but
+    COCO's mask evaluation needs a mask for every annotation: only the evaluator's copy is
+    written, with the box as the missing mask."""
+    data = {"images": [_img(1)], "categories": [{"id": 1, "name": "a"}],
+            "annotations": [_ann(1), _ann(2, bbox=(1.0, 1.0, 4.0, 5.0), segmentation=[])]}
+    path = _write(tmp_path / "mixed.json", data)
+    _, problems = clean_coco_json(data)
+    assert [(p.where, p.reason) for p in problems] == [("annotation 2", "no segmentation")]
+    with _registered("mixed_own", str(path), str(tmp_path)) as name:
+        dicts = DatasetCatalog.get(name)
+        assert len(dicts[0]["annotations"]) == 2
+        evaluated = MetadataCatalog.get(name).json_file
+    assert evaluated == str(cleaned_json_path(path, kind="eval"))
+    assert [p.name for p in cache.iterdir()] == [cleaned_json_path(path, kind="eval").name]
+    anns = json.loads(cleaned_json_path(path, kind="eval").read_text())["annotations"]
+    assert anns[0] == data["annotations"][0]
+    assert anns[1]["segmentation"] == [[1.0, 1.0, 5.0, 1.0, 5.0, 6.0, 1.0, 6.0]]

@@ -7,7 +7,10 @@ count and the first entries, and hands detectron2's ``load_coco_json`` either th
 (nothing to clean: no copy is made) or a cleaned copy in the cache folder
 (:func:`cleaned_json_path`), whose path then replaces the metadata's ``json_file`` so that
 detectron2's ``COCOEvaluator`` evaluates against the same annotations. detectron2's tools and
-ours build the test loader before the evaluator, so the evaluator sees the cleaned path.
+ours build the test loader before the evaluator, so the evaluator sees the cleaned path. In a
+json where only some annotations have masks, the evaluator's copy also gives the others their
+box as a mask (pycocotools' mask evaluation stops on them; training keeps them as they are).
+The problems are logged once per process and json.
 
 Pure cleaning (no detectron2) and its reasons: :mod:`revvit_d2.data.coco_json`.
 """
@@ -16,14 +19,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from revvit_d2.data.coco_json import (JSON_REASONS, NO_ANNOTATION, CocoJsonError,  # noqa: F401
-                                      JsonProblem, clean_coco_json, clean_coco_json_changed,
-                                      problem_counts, read_coco_json)
+from revvit_d2.data.coco_json import (JSON_REASONS, NO_ANNOTATION, REPORTED_ONLY,  # noqa: F401
+                                      CocoJsonError, JsonProblem, clean_coco_json,
+                                      clean_coco_json_changed, for_evaluation, problem_counts,
+                                      read_coco_json)
 from revvit_d2.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -36,6 +40,8 @@ __all__ = ["register_coco_instances", "load_clean_coco_json", "cleaned_json_path
 CLEANING_VERSION = 1
 #: How many entries each warning names.
 FIRST_FEW = 3
+#: The json sources (path, mtime, size) whose problems this process has logged.
+_REPORTED: Set[str] = set()
 
 # What happens to the entries of a reason, for the log line.
 _ACTION = {
@@ -51,6 +57,7 @@ _ACTION = {
     "bad box": "annotation(s) dropped",
     "invalid segmentation": "annotation(s) dropped",
     "invalid polygon": "annotation(s) kept without their invalid polygons",
+    "no segmentation": "annotation(s) kept (their box is their mask in COCO's evaluation)",
     "ignore flag": "annotation(s) kept as iscrowd=1",
     "missing area or iscrowd": "annotation(s) completed",
     "no annotation": "image(s) kept (left out of training by detectron2, used in evaluation)",
@@ -64,19 +71,26 @@ def default_cache_dir() -> Path:
     return Path(root) / "coco_json"
 
 
-def cleaned_json_path(json_file, cache_dir=None) -> Path:
-    """Where the cleaned copy of `json_file` goes: ``<cache>/<sha1>.json``, the hash of the
-    json's absolute path, modification time and size (a changed json gets a new copy)."""
+def _source_key(json_file) -> str:
     path = os.path.abspath(os.fspath(json_file))
     st = os.stat(path)
-    key = f"{path}\0{st.st_mtime_ns}\0{st.st_size}\0{CLEANING_VERSION}"
-    digest = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()
-    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{digest}.json"
+    return f"{path}\0{st.st_mtime_ns}\0{st.st_size}\0{CLEANING_VERSION}"
+
+
+def cleaned_json_path(json_file, cache_dir=None, kind: str = "") -> Path:
+    """Where the cleaned copy of `json_file` goes: ``<cache>/<sha1>.json``, the hash of the
+    json's absolute path, modification time and size (a changed json gets a new copy);
+    ``<sha1>.eval.json`` (`kind` ``"eval"``) for the copy COCO's evaluation reads when it
+    differs (:func:`revvit_d2.data.coco_json.for_evaluation`)."""
+    digest = hashlib.sha1(_source_key(json_file).encode("utf-8", "surrogateescape")).hexdigest()
+    name = f"{digest}.{kind}.json" if kind else f"{digest}.json"
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / name
 
 
 def log_problems(problems: List[JsonProblem], source: str) -> None:
     """One line per reason: the count, what was done, the first few entries (the first with
-    its detail). ``no annotation`` at INFO (every COCO split has such images), others WARNING."""
+    its detail). ``no annotation`` at INFO (every COCO split has such images), others WARNING.
+    """
     by_reason: Dict[str, List[JsonProblem]] = {}
     for p in problems:
         by_reason.setdefault(p.reason, []).append(p)
@@ -92,7 +106,8 @@ def log_problems(problems: List[JsonProblem], source: str) -> None:
                    _ACTION.get(reason, "entries"), ", ".join(names), more)
 
 
-def _write_cleaned(cleaned: dict, path: Path) -> None:
+def _write_cleaned(cleaned: dict, path: Path) -> str:
+    """Write `cleaned` to `path` atomically unless it is there already; its path."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file():  # same name = same source and cleaning: reuse it
@@ -101,21 +116,27 @@ def _write_cleaned(cleaned: dict, path: Path) -> None:
     except OSError as e:
         raise CocoJsonError(f"cannot write the cleaned COCO json to {path} ({e}); set "
                             f"REVVIT_CACHE to a writable folder") from None
+    return str(path)
 
 
 def load_clean_coco_json(json_file, image_root, dataset_name: Optional[str] = None,
                          extra_annotation_keys=None, cache_dir=None) -> List[dict]:
     """detectron2's ``load_coco_json`` on the cleaned json (see the module docstring).
 
-    When `dataset_name` is given and a cleaned copy is used, its ``json_file`` metadata is set
-    to the copy. :class:`CocoJsonError` (one line) when the json cannot be read or nothing in
-    it is usable (no image or no category left).
+    The problems are logged the first time this process loads a json (a dataset is loaded
+    again for each data loader). When `dataset_name` is given, its ``json_file`` metadata is
+    set to the file COCO's evaluation should read: the source when it needs nothing, else the
+    cleaned copy (or its evaluation variant). :class:`CocoJsonError` (one line) when the json
+    cannot be read or nothing in it is usable (no image or no category left).
     """
     source = os.fspath(json_file)
     data = read_coco_json(source)
+    key = _source_key(source)
     cleaned, problems, changed = clean_coco_json_changed(data, source)
-    del data
-    log_problems(problems, source)
+    first = key not in _REPORTED
+    if first:
+        log_problems(problems, source)
+        _REPORTED.add(key)
     if not cleaned["images"] or not cleaned["categories"]:
         counts = problem_counts(problems)
         what = ", ".join(f"{n} {r}" for r, n in counts.items()) or "the lists are empty"
@@ -123,19 +144,21 @@ def load_clean_coco_json(json_file, image_root, dataset_name: Optional[str] = No
                             f"the COCO json {source} ({what})")
     use = source
     if changed:
-        path = cleaned_json_path(source, cache_dir)
-        _write_cleaned(cleaned, path)
-        use = str(path)
-        logger.info("COCO json %s: %d problem(s) fixed; using the cleaned copy %s", source,
-                    sum(n for r, n in problem_counts(problems).items() if r != NO_ANNOTATION),
-                    use)
-        if dataset_name is not None:
-            meta = MetadataCatalog.get(dataset_name)
-            if meta.get("json_file") != use:
-                if hasattr(meta, "json_file"):  # Metadata refuses to change a value in place
-                    delattr(meta, "json_file")
-                meta.json_file = use
-    del cleaned
+        use = _write_cleaned(cleaned, cleaned_json_path(source, cache_dir))
+    evaluate = for_evaluation(cleaned)
+    eval_file = use if evaluate is None else _write_cleaned(
+        evaluate, cleaned_json_path(source, cache_dir, "eval"))
+    del data, cleaned, evaluate
+    if first and (use != source or eval_file != use):
+        fixed = sum(n for r, n in problem_counts(problems).items() if r not in REPORTED_ONLY)
+        logger.info("COCO json %s: %d entries fixed; training reads %s, evaluation %s", source,
+                    fixed, use, eval_file)
+    if dataset_name is not None:
+        meta = MetadataCatalog.get(dataset_name)
+        if meta.get("json_file") != eval_file:
+            if hasattr(meta, "json_file"):  # Metadata refuses to change a value in place
+                delattr(meta, "json_file")
+            meta.json_file = eval_file
     return load_coco_json(use, image_root, dataset_name, extra_annotation_keys)
 
 

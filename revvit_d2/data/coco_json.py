@@ -4,9 +4,11 @@ detectron2's ``load_coco_json`` stops the whole run for one bad entry: an annota
 ``category_id`` is not in ``categories`` (``KeyError``), duplicate annotation ids
 (``AssertionError``), an empty ``bbox`` (``ValueError``), an ``ignore`` flag; a missing or NaN box
 crashes later in the mapper, and COCO's evaluation (pycocotools) crashes on annotations without
-``area`` / ``iscrowd`` or with a segmentation it cannot rasterise. :func:`clean_coco_json` returns
-a copy of the parsed json without them and a :class:`JsonProblem` per entry it dropped, renumbered
-or filled in; :func:`read_coco_json` reads the file with one-line errors.
+``area`` / ``iscrowd`` or with a segmentation it cannot rasterise (or none, when it evaluates
+masks). :func:`clean_coco_json` returns a copy of the parsed json without them and a
+:class:`JsonProblem` per entry it dropped, renumbered or filled in (:data:`JSON_REASONS`);
+:func:`for_evaluation` the variant COCO's mask evaluation needs; :func:`read_coco_json` reads
+the file with one-line errors.
 
 The registration that uses it (a drop-in for detectron2's ``register_coco_instances``) is
 :mod:`revvit_d2.d2.coco_json`; the preflight check (tools/check_dataset.py) reports the same
@@ -21,11 +23,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from revvit_d2.utils.errors import UserError
 
 __all__ = [
-    "CocoJsonError", "JsonProblem", "JSON_REASONS", "DROPPED_REASONS", "clean_coco_json",
-    "read_coco_json", "clean_coco_json_changed", "problem_counts", "UNKNOWN_CATEGORY", "UNKNOWN_IMAGE", "DUPLICATE_ANNOTATION_ID",
+    "CocoJsonError", "JsonProblem", "JSON_REASONS", "DROPPED_REASONS", "REPORTED_ONLY",
+    "clean_coco_json", "clean_coco_json_changed", "for_evaluation", "problem_counts",
+    "read_coco_json", "UNKNOWN_CATEGORY", "UNKNOWN_IMAGE", "DUPLICATE_ANNOTATION_ID",
     "MISSING_ANNOTATION_ID", "DUPLICATE_IMAGE_ID", "DUPLICATE_CATEGORY_ID", "MALFORMED_IMAGE",
     "MALFORMED_CATEGORY", "MALFORMED_ANNOTATION", "BAD_BOX", "INVALID_SEGMENTATION",
-    "INVALID_POLYGON", "IGNORE_FLAG", "MISSING_AREA_OR_ISCROWD", "NO_ANNOTATION",
+    "INVALID_POLYGON", "IGNORE_FLAG", "MISSING_AREA_OR_ISCROWD", "NO_SEGMENTATION",
+    "NO_ANNOTATION",
 ]
 
 # Reasons, in the order problems of an entry are checked. What happens to the entry follows.
@@ -43,13 +47,16 @@ INVALID_SEGMENTATION = "invalid segmentation"       # annotation dropped (as det
 INVALID_POLYGON = "invalid polygon"                 # the polygon removed, annotation kept
 IGNORE_FLAG = "ignore flag"                         # kept as iscrowd=1, "ignore" removed
 MISSING_AREA_OR_ISCROWD = "missing area or iscrowd"  # filled: box area, iscrowd 0
+NO_SEGMENTATION = "no segmentation"                 # kept; see for_evaluation
 NO_ANNOTATION = "no annotation"                     # image kept: reported only
 
 #: Every reason :func:`clean_coco_json` reports.
 JSON_REASONS = (UNKNOWN_CATEGORY, UNKNOWN_IMAGE, DUPLICATE_ANNOTATION_ID, MISSING_ANNOTATION_ID,
                 DUPLICATE_IMAGE_ID, DUPLICATE_CATEGORY_ID, MALFORMED_IMAGE, MALFORMED_CATEGORY,
                 MALFORMED_ANNOTATION, BAD_BOX, INVALID_SEGMENTATION, INVALID_POLYGON,
-                IGNORE_FLAG, MISSING_AREA_OR_ISCROWD, NO_ANNOTATION)
+                IGNORE_FLAG, MISSING_AREA_OR_ISCROWD, NO_SEGMENTATION, NO_ANNOTATION)
+#: The reasons that leave the entry as it is in the cleaned json.
+REPORTED_ONLY = (NO_SEGMENTATION, NO_ANNOTATION)
 #: The reasons whose entry is left out of the cleaned json.
 DROPPED_REASONS = (UNKNOWN_CATEGORY, UNKNOWN_IMAGE, DUPLICATE_IMAGE_ID, DUPLICATE_CATEGORY_ID,
                    MALFORMED_IMAGE, MALFORMED_CATEGORY, MALFORMED_ANNOTATION, BAD_BOX,
@@ -200,8 +207,9 @@ def clean_coco_json(data: dict, source: str = "") -> Tuple[dict, List[JsonProble
     Returns:
         ``(cleaned, problems)``: a new dict (other top-level keys kept; changed entries are
         copies, unchanged ones the input's objects) and the problems in a stable order:
-        categories, images, annotations (each in json order; the id fixes after the other
-        annotation problems), then images without annotation.
+        categories, images, annotations (each in json order; then the id fixes, then the
+        annotations without a mask among annotations with one), then images without
+        annotation.
         Reasons and what is done (:data:`JSON_REASONS`): entries with an unknown category or
         image id, a bad box (missing, not 4 finite numbers, width or height <= 0), an invalid
         segmentation (see :func:`_segmentation`) or that are not objects are dropped;
@@ -210,8 +218,10 @@ def clean_coco_json(data: dict, source: str = "") -> Tuple[dict, List[JsonProble
         annotations; duplicate or missing annotation ids get fresh ones; ``ignore: 1`` becomes
         ``iscrowd: 1`` (detectron2 refuses ``ignore``; COCO's evaluation reads it as crowd);
         missing ``area`` (the box's) and ``iscrowd`` (0) are filled in for COCO's evaluation;
-        images left without annotation are reported only (detectron2 leaves them out of
-        training itself, evaluation keeps them).
+        annotations without a mask in a json whose other annotations have one, and images
+        left without annotation, are reported only (:data:`REPORTED_ONLY`; detectron2 leaves
+        such images out of training itself, evaluation keeps them; for the masks see
+        :func:`for_evaluation`).
     """
     cleaned, problems, _ = clean_coco_json_changed(data, source)
     return cleaned, problems
@@ -220,7 +230,7 @@ def clean_coco_json(data: dict, source: str = "") -> Tuple[dict, List[JsonProble
 def clean_coco_json_changed(data: dict, source: str = ""
                             ) -> Tuple[dict, List[JsonProblem], bool]:
     """:func:`clean_coco_json` and whether the cleaned json differs from `data` (an entry was
-    dropped, renumbered or mended: a reason other than :data:`NO_ANNOTATION`)."""
+    dropped, renumbered or mended: a reason not in :data:`REPORTED_ONLY`)."""
     problems: List[JsonProblem] = []
     prefix = f"{source}:" if source else ""
 
@@ -351,6 +361,14 @@ def clean_coco_json_changed(data: dict, source: str = ""
         changed_anns += 1
 
     changed = bool(problems) or changed_anns > 0
+    # Annotations without a mask among annotations with one: training keeps them (boxes; the
+    # mapper drops them when masks are trained), COCO's segm evaluation cannot rasterise them.
+    if any(a.get("segmentation") for a in annotations):
+        for k, a in enumerate(annotations):
+            if not a.get("segmentation"):
+                report("annotation", a["id"], NO_SEGMENTATION,
+                       "other annotations have one: boxes train on it, masks do not (the "
+                       "mapper drops it); COCO's mask evaluation takes its box as its mask")
     # Images without annotation: reported only (and they do not make the json change).
     with_anns = {a["image_id"] for a in annotations}
     for img in images:
@@ -365,6 +383,29 @@ def clean_coco_json_changed(data: dict, source: str = ""
     if "annotations" not in data and not annotations:
         del cleaned["annotations"]
     return cleaned, problems, changed
+
+
+def for_evaluation(cleaned: dict) -> Optional[dict]:
+    """The cleaned json as COCO's evaluation needs it, or None when it needs nothing more.
+
+    pycocotools' mask evaluation (``COCOeval(iouType="segm")``, which detectron2's
+    ``COCOEvaluator`` runs for a mask model) rasterises every ground-truth annotation and stops
+    on one without a segmentation (``KeyError`` / ``IndexError``). In a json where some
+    annotations have masks (:data:`NO_SEGMENTATION`), the others get their box as a polygon
+    here; the training json keeps them as they are.
+    """
+    anns = cleaned.get("annotations") or []
+    if not any(a.get("segmentation") for a in anns) or all(a.get("segmentation") for a in anns):
+        return None
+    out = dict(cleaned)
+    out["annotations"] = [a if a.get("segmentation") else dict(a, segmentation=[_box_polygon(
+        a["bbox"])]) for a in anns]
+    return out
+
+
+def _box_polygon(bbox) -> List[float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
 
 
 def _hashable(x) -> bool:
