@@ -35,6 +35,7 @@ setup(
         "fvcore>=0.1.5.post20221221",
         "pycocotools>=2.0.7",
         "av>=12",
+        "tqdm>=4",  # progress bars (tools/check_dataset.py)
         "pytorchvideo>=0.1.5",
         # detectron2 is not on PyPI under its own name; see README ("Installing by hand").
     ],

@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -21,79 +20,16 @@ from PIL import Image
 from revvit_d2.data.imagefolder import (SafeImageFolder, SkippedSample, build_eval_loader,
                                         describe_skips, skip_counts)
 
-ROOT = Path(__file__).resolve().parents[1]
-W, H = 128, 96  # landscape; the EXIF-rotated file shows as H x W
-BOX = [32, 24, 64, 48]  # x, y, w, h: the red square drawn on every image
+from _media import BAD_IMAGES as BAD
+from _media import GOOD_IMAGES as GOOD
+from _media import (BOX, H, IMAGEFOLDER_BAD, NO_ANNOTATION, W, make_imagefolder,  # noqa: F401
+                    make_images, rgb_array, write_coco, write_coco_config)
 
-# The expected outcome of each file: None = loads; otherwise the reason it is skipped.
-GOOD = ("rgb.png", "gray.jpg", "cmyk.jpg", "palette.png", "gray16.png", "rgba.png",
-        "exif6.jpg", "progressive.jpg")
-BAD = {"truncated.jpg": "unreadable", "text.jpg": "unreadable", "empty.jpg": "empty file",
-       "folder.jpg": "not a file", "missing.jpg": "missing",
-       "mismatch.png": "size differs from the annotation",
-       "exif6_raw.jpg": "size differs from the annotation"}
-NO_ANNOTATION = "no_annotation.png"  # removed by detectron2's filter_empty at build time
+ROOT = Path(__file__).resolve().parents[1]
 
 # pycocotools' decode under numpy 2 warns on every call; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
-
-
-def _rgb():
-    a = np.zeros((H, W, 3), np.uint8)
-    a[..., 2] = 40
-    x, y, w, h = BOX
-    a[y:y + h, x:x + w] = (220, 30, 30)
-    return a
-
-
-def make_images(d: Path) -> dict:
-    """Every file of GOOD, BAD and NO_ANNOTATION under `d` (the `missing` one excepted)."""
-    d.mkdir(parents=True, exist_ok=True)
-    rgb = Image.fromarray(_rgb())
-    rgb.save(d / "rgb.png")
-    rgb.save(d / NO_ANNOTATION)
-    rgb.convert("L").save(d / "gray.jpg", quality=95)
-    rgb.convert("CMYK").save(d / "cmyk.jpg", quality=95)
-    pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
-    pal.save(d / "palette.png", transparency=0)
-    Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(d / "gray16.png")
-    rgba = np.concatenate([_rgb(), np.full((H, W, 1), 128, np.uint8)], axis=2)
-    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    for name in ("exif6.jpg", "exif6_raw.jpg"):
-        rgb.save(d / name, quality=95, exif=exif.tobytes())
-    rgb.save(d / "progressive.jpg", quality=95, progressive=True)
-    full = (d / "progressive.jpg").read_bytes()
-    (d / "truncated.jpg").write_bytes(full[: len(full) // 3])
-    (d / "text.jpg").write_text("not an image\n")
-    (d / "empty.jpg").write_bytes(b"")
-    (d / "folder.jpg").mkdir(exist_ok=True)
-    rgb.resize((W // 2, H // 2)).save(d / "mismatch.png")  # resized after annotating
-    return {"root": d}
-
-
-def write_coco(d: Path, names) -> Path:
-    """A COCO json over `names` (in `d`), one annotation each except NO_ANNOTATION. The EXIF
-    file is declared with its displayed size, exif6_raw.jpg with its stored size, and
-    mismatch.png with the size it had before it was halved."""
-    x, y, w, h = BOX
-    poly = [x, y, x + w, y, x + w, y + h, x, y + h]
-    images, annotations = [], []
-    for i, name in enumerate(names, 1):
-        width, height = (H, W) if name == "exif6.jpg" else (W, H)
-        images.append({"id": i, "file_name": name, "width": width, "height": height})
-        if name != NO_ANNOTATION:
-            box, seg = ([8, 8, 40, 40], [8, 8, 48, 8, 48, 48, 8, 48]) if width < height \
-                else (BOX, poly)
-            annotations.append({"id": i, "image_id": i, "category_id": 1, "bbox": box,
-                                "area": box[2] * box[3], "iscrowd": 0,
-                                "segmentation": [[float(v) for v in seg]]})
-    path = d / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "square"}]}))
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +87,7 @@ def test_every_mode_loads_as_detectron2_reads_it(coco, image_format):
             x, y, w, h = BOX  # the square is red (CMYK and palette included)
             assert img[red, y + h // 2, x + w // 2] > 150 > img[2 - red, y + h // 2, x + w // 2]
     gray16 = mapper(dicts["gray16.png"])["image"].int()
-    gray = torch.as_tensor(np.array(Image.fromarray(_rgb()).convert("L"))).int()
+    gray = torch.as_tensor(np.array(Image.fromarray(rgb_array()).convert("L"))).int()
     assert (gray16[0] - gray).abs().max() <= 1  # not saturated to white
     assert mapper.num_skipped == 0
 
@@ -239,33 +175,6 @@ def test_nothing_usable_is_one_clear_error(coco):
 # --------------------------------------------------------------------------------------------
 # tools/train_net.py on such a dataset
 # --------------------------------------------------------------------------------------------
-_CONFIG = """
-import os
-from detectron2.config import LazyConfig
-from detectron2.data import DatasetCatalog
-from detectron2.data.datasets import register_coco_instances
-
-# A dataset of one's own, registered on top of the demo config.
-_here = os.path.dirname(__file__)
-if "own_train" not in DatasetCatalog.list():
-    register_coco_instances("own_train", {{}}, os.path.join(_here, "{json}"), _here)
-_demo = LazyConfig.load("{demo}")
-model, optimizer, lr_multiplier = _demo.model, _demo.optimizer, _demo.lr_multiplier
-dataloader, train = _demo.dataloader, _demo.train
-dataloader.train.dataset.names = "own_train"
-dataloader.train.aspect_ratio_grouping = False  # every image is met in the first iterations
-dataloader.test.dataset.names = "own_train"
-dataloader.evaluator.dataset_name = "own_train"
-"""
-
-
-def _write_config(d: Path, json_name: str) -> Path:
-    path = d / f"config_{Path(json_name).stem}.py"
-    path.write_text(textwrap.dedent(_CONFIG.format(
-        json=json_name, demo=ROOT / "configs/COCO/mask_rcnn_revvit_synthetic.py")))
-    return path
-
-
 def _run(tool, *args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                REVVIT_DATASETS=str(cwd / "datasets"))
@@ -279,7 +188,7 @@ def test_train_net_on_own_data_ends_with_exact_counts(tmp_path):
     d = tmp_path / "data"
     make_images(d)
     write_coco(d, list(GOOD) + list(BAD) + [NO_ANNOTATION])
-    config = _write_config(d, "annotations.json")
+    config = write_coco_config(d, "annotations.json")
     proc = _run("train_net.py", "--config-file", config, f"train.output_dir={tmp_path / 'out'}",
                 "train.max_iter=5", "train.eval_period=5", "train.log_period=5",
                 "dataloader.train.num_workers=2", cwd=tmp_path)
@@ -305,7 +214,7 @@ def test_train_net_nothing_usable_is_one_error_line(tmp_path):
     make_images(d)
     write_coco(d, ["truncated.jpg", "text.jpg", "empty.jpg", "mismatch.png"])
     (d / "annotations.json").rename(d / "bad.json")
-    config = _write_config(d, "bad.json")
+    config = write_coco_config(d, "bad.json")
     proc = _run("train_net.py", "--config-file", config, f"train.output_dir={tmp_path / 'out'}",
                 "train.max_iter=5", cwd=tmp_path)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-5000:]
@@ -321,19 +230,9 @@ def test_train_net_nothing_usable_is_one_error_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 # ImageFolder classification data
 # --------------------------------------------------------------------------------------------
-IMAGEFOLDER_BAD = {"truncated.jpg": "unreadable", "text.jpg": "unreadable",
-                   "empty.jpg": "empty file"}
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    src = tmp_path_factory.mktemp("src")
-    make_images(src)
-    root = tmp_path_factory.mktemp("imagefolder") / "val"
-    for i, name in enumerate(list(GOOD) + list(IMAGEFOLDER_BAD)):
-        cls = root / f"class_{i % 2}"
-        cls.mkdir(parents=True, exist_ok=True)
-        (cls / name).write_bytes((src / name).read_bytes())
+    root = make_imagefolder(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("imagefolder"))
     (root / "class_0" / "folder.jpg").mkdir()  # a directory is not listed as a sample
     return root
 

@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _media import FPS, GOOD_FRAMES, SHORT, write_audio_only, write_video  # noqa: F401
+from _media import GOOD_VIDEOS as GOOD
+from _media import need_codec as _need_codec
+from _media import write_bad_videos as _write_bad
+
 av = pytest.importorskip("av")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,103 +29,6 @@ TOOL = ROOT / "tools" / "run_video.py"
 # apart at 16 fps; a clip spans (8 - 1) * 2 / 16 = 0.875 s. A shorter video is used anyway: its
 # clip starts at 0 and repeats frames.
 SAMPLING = dict(num_frames=8, sampling_rate=2, target_fps=16)
-FPS = 16
-GOOD_FRAMES = 20  # 1.25 s
-
-
-def _need_codec(name: str):
-    try:
-        av.codec.Codec(name, "w")
-    except Exception:  # noqa: BLE001 - any failure: this av build cannot write it
-        pytest.skip(f"the local av build has no {name} encoder")
-
-
-def _frame(i: int, w: int, h: int) -> np.ndarray:
-    img = np.zeros((h, w, 3), np.uint8)
-    img[..., 0] = (37 * i) % 256
-    img[: h // 2, : w // 2, 1] = 200
-    return img
-
-
-def write_video(path: Path, codec: str, size=(32, 32), frames: int = GOOD_FRAMES, fps: int = FPS,
-                pix_fmt: str = "yuv420p", pts_ms=None, audio: bool = False) -> Path:
-    """A real video: `codec`, `size` (w, h), `frames` at `fps`, or at the times `pts_ms`
-    (variable frame rate); with an AAC track when `audio`."""
-    w, h = size
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        if pts_ms is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        sound = out.add_stream("aac", rate=16000) if audio else None
-        for i in range(frames if pts_ms is None else len(pts_ms)):
-            frame = av.VideoFrame.from_ndarray(_frame(i, w, h), format="rgb24")
-            if pts_ms is not None:
-                frame.pts, frame.time_base = int(pts_ms[i]), Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-        if sound is not None:
-            _encode_silence(out, sound, seconds=frames / fps)
-    return path
-
-
-def _encode_silence(out, stream, seconds: float):
-    n = 1024
-    for i in range(int(seconds * 16000 / n) + 1):
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, n), np.float32), format="fltp",
-                                           layout="mono")
-        frame.sample_rate, frame.pts = 16000, i * n
-        for packet in stream.encode(frame):
-            out.mux(packet)
-    for packet in stream.encode():
-        out.mux(packet)
-
-
-def write_audio_only(path: Path) -> Path:
-    with av.open(str(path), "w") as out:
-        _encode_silence(out, out.add_stream("aac", rate=16000), seconds=2.0)
-    return path
-
-
-# name -> (writer, codec it needs)
-GOOD = {
-    "h264_32x32.mp4": (lambda p: write_video(p, "libx264"), "libx264"),
-    "h264_33x17_444.mp4": (lambda p: write_video(p, "libx264", (33, 17), pix_fmt="yuv444p"),
-                           "libx264"),
-    "mpeg4_33x17.mp4": (lambda p: write_video(p, "mpeg4", (33, 17)), "mpeg4"),
-    "mjpeg_33x17.avi": (lambda p: write_video(p, "mjpeg", (33, 17), pix_fmt="yuvj420p"),
-                        "mjpeg"),
-    "vp8_32x24.webm": (lambda p: write_video(p, "libvpx", (32, 24)), "libvpx"),
-    "mpeg4_vfr.mp4": (lambda p: write_video(p, "mpeg4", pts_ms=[0, 40, 50, 200, 210, 400, 700,
-                                                                 1000, 1033, 1100, 1250, 1400]),
-                      "mpeg4"),
-    "h264_with_audio.mp4": (lambda p: write_video(p, "libx264", audio=True), "libx264"),
-}
-
-
-def _write_bad(d: Path):
-    """The broken files and their reasons (file name -> reason)."""
-    long = write_video(d / "long.mp4", "mpeg4", frames=64)
-    data = long.read_bytes()
-    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])  # the index (moov) is lost
-    avi = write_video(d / "long.avi", "mjpeg", frames=64, pix_fmt="yuvj420p").read_bytes()
-    (d / "cut_frames.avi").write_bytes(avi[: int(len(avi) * 0.3)])  # header, frames undecodable
-    (d / "zero.mp4").write_bytes(b"")
-    (d / "text.mp4").write_text("this is not a video\n")
-    write_audio_only(d / "audio.m4a")
-    write_audio_only(d / "audio_only.mp4")
-    long.unlink()
-    (d / "long.avi").unlink()
-    return {"truncated.mp4": "unreadable", "cut_frames.avi": "no frame decoded",
-            "zero.mp4": "empty file", "text.mp4": "unreadable", "audio.m4a": "no video stream",
-            "audio_only.mp4": "no video stream", "missing.mp4": "file not found"}
-
-
-#: A video shorter than one clip (2 frames, 0.125 s): used, not skipped.
-SHORT = "two_frames.mp4"
-
 
 
 @pytest.fixture(scope="module")

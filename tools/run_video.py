@@ -57,6 +57,7 @@ from revvit_video.data import (  # noqa: E402
     build_kinetics_test_loader,
     build_kinetics_train_loader,
     format_skip_counts,
+    model_num_classes,
     read_video_list,
     skip_counts,
 )
@@ -172,12 +173,8 @@ def _set_num_classes(node, model):
     """Our loaders skip list lines whose label the model cannot predict: tell them its
     number of classes (unless the config does)."""
     ours = node.get("_target_") in (build_kinetics_train_loader, build_kinetics_test_loader)
-    head = getattr(getattr(model, "module", model), "head", None)
-    if not ours or head is None or node.get("num_classes") is not None:
-        return
-    sizes = [m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)]
-    if sizes:
-        node.num_classes = int(sizes[-1])
+    if ours and node.get("num_classes") is None and model_num_classes(model) is not None:
+        node.num_classes = model_num_classes(model)
 
 
 def _gather_skipped(entries):

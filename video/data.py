@@ -67,6 +67,7 @@ __all__ = [
     "build_kinetics_test_loader",
     "clip_duration",
     "min_video_duration",
+    "model_num_classes",
     "format_skip_counts",
     "iters_per_epoch",
 ] + _DATASET_NAMES
@@ -398,3 +399,13 @@ def iters_per_epoch(num_videos: int, total_batch_size: int, world_size: int = 1)
     """``floor(ceil(num_videos / world_size) / (total_batch_size / world_size))``, at least 1."""
     per_rank = math.ceil(int(num_videos) / int(world_size))
     return max(1, per_rank // (int(total_batch_size) // int(world_size)))
+
+
+def model_num_classes(model) -> Optional[int]:
+    """The number of classes a video model predicts: the output size of the last ``Linear`` of
+    its ``head`` (DDP unwrapped), or None when it has no such head."""
+    head = getattr(getattr(model, "module", model), "head", None)
+    if head is None:
+        return None
+    sizes = [m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    return int(sizes[-1]) if sizes else None

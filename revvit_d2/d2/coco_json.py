@@ -168,11 +168,13 @@ def register_coco_instances(name: str, metadata: dict, json_file, image_root) ->
     ``thing_dataset_id_to_contiguous_id`` from ``load_coco_json``), with the json cleaned when
     the dataset is loaded (:func:`load_clean_coco_json`): unknown category or image ids,
     duplicate ids, malformed entries, bad boxes and invalid segmentations are dropped or
-    mended with one warning per reason instead of stopping the run.
+    mended with one warning per reason instead of stopping the run. ``source_json_file`` keeps
+    the original path when ``json_file`` is switched to the cleaned copy (the preflight check
+    reads the original).
     """
     assert isinstance(name, str), name
     assert isinstance(json_file, (str, os.PathLike)), json_file
     assert isinstance(image_root, (str, os.PathLike)), image_root
     DatasetCatalog.register(name, lambda: load_clean_coco_json(json_file, image_root, name))
-    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
-                                  evaluator_type="coco", **metadata)
+    MetadataCatalog.get(name).set(json_file=json_file, source_json_file=json_file,
+                                  image_root=image_root, evaluator_type="coco", **metadata)

@@ -35,7 +35,8 @@ from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
-from revvit_d2.data.images import READ_ERRORS, high_bit_to_8bit, read_failure_reason
+from revvit_d2.data.images import (READ_ERRORS, SIZE_DIFFERS, high_bit_to_8bit,
+                                   read_failure_reason, size_mismatch)
 from revvit_d2.data.synthetic.coco_shapes import (CLASSES, default_coco_synthetic_root,
                                                   make_synthetic_coco)
 from revvit_d2.utils.errors import UserError, one_line
@@ -194,7 +195,7 @@ class _SkipLog:
 _TOKENS = itertools.count()
 _LIVE_MAPPERS: "weakref.WeakSet" = weakref.WeakSet()
 #: The size check's reason label (the read failures' labels: :func:`read_failure_reason`).
-SIZE_MISMATCH = "size differs from the annotation"
+SIZE_MISMATCH = SIZE_DIFFERS
 
 
 class NoUsableImagesError(UserError):
@@ -344,12 +345,7 @@ class SafeDatasetMapper(DatasetMapper):
             return None
         actual = (image.shape[1], image.shape[0])
         declared = (dataset_dict.get("width", actual[0]), dataset_dict.get("height", actual[1]))
-        if tuple(declared) == actual:
-            return None
-        hint = ("; width and height swapped: was the json written from the file before its "
-                "EXIF rotation?" if tuple(declared) == actual[::-1] else "")
-        return (f"declared {declared[0]}x{declared[1]} (width x height), actual "
-                f"{actual[0]}x{actual[1]}{hint}")
+        return size_mismatch(declared, actual)
 
     def _clean_annotations(self, annos: List[dict]) -> Tuple[List[dict], bool]:
         """Drop the annotations that would crash ``annotations_to_instances`` or the mask head;

@@ -3,6 +3,7 @@ used, in words.
 
 * :func:`high_bit_to_8bit` turns 16/32-bit grayscale (``I;16``, ``I``, ``F``) into 8-bit ``L``;
   ``Image.convert("RGB")`` saturates every value above 255 to white instead.
+* :func:`size_mismatch` says how an image's size differs from the one its annotation declares.
 * :func:`read_failure_reason` names the reason a file could not be read (``missing``,
   ``not a file``, ``empty file``, ``unreadable``), for counts per reason.
 
@@ -11,12 +12,16 @@ Shared by the ImageFolder reader (:mod:`revvit_d2.data.imagefolder`) and the det
 """
 import os
 import struct
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["HIGH_BIT_MODES", "READ_ERRORS", "high_bit_to_8bit", "read_failure_reason"]
+__all__ = ["HIGH_BIT_MODES", "READ_ERRORS", "SIZE_DIFFERS", "high_bit_to_8bit",
+           "read_failure_reason", "size_mismatch"]
+
+#: The reason given for an image whose size differs from its annotation's.
+SIZE_DIFFERS = "size differs from the annotation"
 
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -53,3 +58,16 @@ def read_failure_reason(path, error: BaseException) -> str:
     except (OSError, TypeError, ValueError):
         pass
     return "unreadable"
+
+
+def size_mismatch(declared: Tuple[int, int], actual: Tuple[int, int]) -> Optional[str]:
+    """The difference between the ``(width, height)`` an index declares and the image's, in
+    words, or None when they agree; says when width and height are swapped (a json written
+    from the file before its EXIF rotation)."""
+    declared, actual = tuple(int(v) for v in declared), tuple(int(v) for v in actual)
+    if declared == actual:
+        return None
+    hint = ("; width and height swapped: was the json written from the file before its EXIF "
+            "rotation?" if declared == actual[::-1] else "")
+    return (f"declared {declared[0]}x{declared[1]} (width x height), actual "
+            f"{actual[0]}x{actual[1]}{hint}")
