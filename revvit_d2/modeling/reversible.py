@@ -39,6 +39,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .gathering import BlockGather, ShardedParamGrads
 from .options import EngineOptions
 from .parallel import parallel_backward
 from .replay import (ParamGrads, RNGState, add_grad, apply_mask, autocast_state, backprop,
@@ -131,16 +132,18 @@ class _Record:
 
 
 class _RunSpec:
-    """One reversible run: its blocks, token grid, trainable parameters, block names, options."""
+    """One reversible run: its blocks, token grid, trainable parameters, block names, options,
+    and the gatherer of its FSDP-sharded blocks (None when no block is sharded)."""
 
-    __slots__ = ("blocks", "thw", "params", "names", "options")
+    __slots__ = ("blocks", "thw", "params", "names", "options", "gather")
 
     def __init__(self, blocks, thw, params, names, options: EngineOptions):
         self.blocks = blocks
         self.thw = thw
-        self.params = params
+        self.params = params  # of a sharded block: its sharded parameters (DTensors)
         self.names = names
         self.options = options
+        self.gather = BlockGather.of(blocks)
 
 
 class RevBackProp(torch.autograd.Function):
@@ -156,12 +159,17 @@ class RevBackProp(torch.autograd.Function):
         if spec.options.rev_backward_chunk:
             _refuse_dropout(spec)
         records: List[_Record] = []
+        gather = spec.gather
         for i, blk in enumerate(spec.blocks):
+            if gather is not None:  # F and G of a sharded block need its full parameters
+                gather.acquire(i, prefetch=i + 1)
             mask = drop_path_mask(x1, blk.drop_path_rate, blk.training)
             rng_f = RNGState(x1.device) if module_uses_rng(blk.F) else None
             x1 = x1 + apply_mask(blk.F(x2, spec.thw), mask)
             rng_g = RNGState(x1.device) if module_uses_rng(blk.G) else None
             x2 = x2 + apply_mask(blk.G(x1), mask)
+            if gather is not None:
+                gather.release(i)
             if spec.options.check_finite:
                 _check_finite(x1, i, spec.names)
                 _check_finite(x2, i, spec.names)
@@ -175,7 +183,10 @@ class RevBackProp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy1, dy2):
         y1, y2 = (t.detach() for t in ctx.saved_tensors)
-        grads = ParamGrads(ctx.spec.params)
+        if ctx.spec.gather is None:
+            grads = ParamGrads(ctx.spec.params)
+        else:
+            grads = ShardedParamGrads(ctx.spec.params, ctx.spec.gather)
         schedule = parallel_backward if ctx.spec.options.parallel_backward else sequential_backward
         chunk = ctx.spec.options.rev_backward_chunk
         if chunk <= 0 or chunk >= y1.shape[0]:
@@ -217,14 +228,21 @@ def _refuse_dropout(spec):
 def sequential_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGrads):
     """Walk the blocks backwards: rebuild each block's inputs from its outputs while
     back-propagating through the recomputed G, then F (one recomputation of each per block;
-    at most one sub-block's graph alive at a time)."""
-    for blk, rec in zip(reversed(spec.blocks), reversed(records)):
+    at most one sub-block's graph alive at a time). A sharded block is gathered for its
+    recomputation and released after its gradients; the next one's gather starts meanwhile."""
+    gather = spec.gather
+    for i in range(len(spec.blocks) - 1, -1, -1):
+        blk, rec = spec.blocks[i], records[i]
+        if gather is not None:
+            gather.acquire(i, prefetch=i - 1)
         g_branch, x2 = recompute_g(blk, rec, autocast, y1, y2)
         dy1 = add_grad(dy1, backprop(g_branch, dy2, grads))  # dY1 total = dY1 + dG/dY1^T dY2
         del g_branch
         f_branch, x1 = recompute_f(blk, rec, autocast, spec.thw, x2, y1)
         dx2 = add_grad(dy2, backprop(f_branch, dy1, grads))
         del f_branch
+        if gather is not None:
+            gather.release(i)
         y1, y2, dy2 = x1, x2, dx2  # the rebuilt inputs are the previous block's outputs
     return dy1, dy2
 
