@@ -216,3 +216,32 @@ def test_needs_a_process_group_or_mesh():
         pytest.skip("a process group exists in this process")
     with pytest.raises(ValueError, match="init_process_group"):
         revvit_d2.shard_model(_tiny())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_cuda_world_of_one_matches_unsharded(parallel):
+    """On a GPU (NCCL, one process): the gathered blocks' F and G, the parallel schedule (which
+    runs in order on the caller's stream when blocks are sharded) and the reduce-scatter."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        ref = build_model("rev_vit_test", depth=3, embed_dim=32, drop_path_rate=0.1,
+                          dropout_rate=0.1, parallel_backward=parallel).cuda()
+        torch.manual_seed(0)
+        model = build_model("rev_vit_test", depth=3, embed_dim=32, drop_path_rate=0.1,
+                            dropout_rate=0.1, parallel_backward=parallel).cuda()
+        revvit_d2.shard_model(model)
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        for m in (ref, model):
+            torch.manual_seed(1)
+            m(x).pow(2).mean().backward()
+        grads = dict(model.named_parameters())
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(grads[name].grad.full_tensor(), p.grad, atol=1e-5,
+                                       rtol=1e-5)
+    finally:
+        dist.destroy_process_group()

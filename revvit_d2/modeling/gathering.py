@@ -75,12 +75,11 @@ class BlockGather:
         for blk in self.blocks:
             if is_sharded(blk):
                 params = dict(blk.named_parameters())
-                for name, p in params.items():
-                    if DTensor is not None and not isinstance(p, DTensor) and p.requires_grad:
-                        raise RuntimeError(
-                            f"the sharded block's parameter {name} is not sharded at the start "
-                            f"of the reversible run (was the block left gathered by an "
-                            f"unshard() without reshard()?)")
+                # (a parameter in fully_shard's ignored_params stays a plain tensor)
+                if params and not any(isinstance(p, DTensor) for p in params.values()):
+                    raise RuntimeError(
+                        f"a sharded {type(blk).__name__} enters the reversible run gathered "
+                        f"(an unshard() without reshard()?): its parameters must be sharded")
                 self.sharded.append(params)
             else:
                 self.sharded.append(None)
