@@ -41,19 +41,29 @@ CASES = {
     "mvit_adamw": ("rev_mvit_test", dict(_REGULARIZED, parallel_backward=True), "adamw", 3,
                    False),
     "vit_bf16": ("rev_vit_test", dict(depth=3, embed_dim=32), None, 1, True),
-    # the Detectron2 backbone, its first block frozen
-    "d2_vit": ("d2", dict(_REGULARIZED, depth=3, embed_dim=32, freeze_blocks=1), None, 1,
+    # the Detectron2 backbones: Rev-ViT with its first block frozen, Rev-MViT under an FPN
+    "d2_vit": ("d2_vit", dict(_REGULARIZED, depth=3, embed_dim=32, freeze_blocks=1), None, 1,
                False),
+    "d2_mvit_fpn": ("d2_mvit_fpn", dict(_REGULARIZED), None, 1, False),
 }
 
 
 def build(case):
     variant, kwargs = CASES[case][:2]
     torch.manual_seed(0)
-    if variant == "d2":
+    if variant == "d2_vit":
         from revvit_d2.d2.backbone import RevViTBackbone
 
         return RevViTBackbone(img_size=64, num_heads=2, **kwargs)
+    if variant == "d2_mvit_fpn":
+        from _d2_helpers import TINY_MVIT
+        from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+
+        from revvit_d2.d2 import RevMViTBackbone
+
+        bottom_up = RevMViTBackbone(**TINY_MVIT, **kwargs)
+        return FPN(bottom_up=bottom_up, in_features=list(bottom_up.output_shape()),
+                   out_channels=16, top_block=LastLevelMaxPool())
     return build_model(variant, **kwargs)
 
 

@@ -25,8 +25,9 @@ TESTS = Path(__file__).resolve().parent
 ATOL = 1e-6
 
 CASES_2 = list(worker.CASES)
-CASES_4 = ["vit", "vit_parallel_anchor", "mvit", "mvit_parallel", "mvit_video_anchor",
-           "vit_sgd", "mvit_adamw"]
+# The cases run with 4 processes too (a spawn of 4 takes ~50 s on 2 busy cores): both
+# schedules of both models, re-anchoring, video, and optimizer steps.
+CASES_4 = ["vit_parallel_anchor", "mvit_parallel", "mvit_video_anchor", "vit_sgd", "mvit_adamw"]
 
 
 def _free_port() -> int:
@@ -73,10 +74,13 @@ def _results(request, world):
 
 
 def _assert_same(got, ref, what):
+    """Equal to ATOL, or to ATOL times the tensor's largest entry when that is above 1 (summing
+    in another order moves a float32 gradient of size 8 by a few 1e-6)."""
     assert set(got) == set(ref), f"{what}: parameters differ: {set(got) ^ set(ref)}"
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0,
-                                   msg=lambda m, name=name: f"{what} of {name}: {m}")
+        scale = max(1.0, ref[name].abs().max().item())
+        diff = (got[name] - ref[name]).abs().max().item()
+        assert diff <= ATOL * scale, f"{what} of {name}: differs by {diff:.3g} (scale {scale:.3g})"
 
 
 _GRAD_CASES = [c for c in worker.CASES if worker.CASES[c][2] is None and not worker.CASES[c][4]]
@@ -127,9 +131,11 @@ def test_mixed_precision_bf16_params_fp32_reduction(results2):
     assert got["grad_dtypes"] == ["torch.float32"]
     ref = worker.reference("vit_bf16", 2)["grads"]
     assert set(got["grads"]) == set(ref)
+    errors = {}
     for name, g in ref.items():
-        err = (got["grads"][name].float() - g).norm() / g.norm().clamp_min(1e-6)
-        assert err < 0.05, (name, float(err))
+        errors[name] = float((got["grads"][name] - g).norm() / g.norm().clamp_min(1e-6))
+        assert errors[name] < 0.05, (name, errors[name])
+    assert max(errors.values()) > 1e-4  # it did compute in bf16
 
 
 # --- one process: bad input, and a world of one ----------------------------------------------
@@ -151,7 +157,7 @@ def _tiny():
     return build_model("rev_vit_test", depth=2, embed_dim=32, drop_path_rate=0.1)
 
 
-def test_world_of_one_matches_unsharded(world_of_one):
+def test_world_of_one_matches_unsharded(world_of_one, rev_backward_calls):
     x = torch.randn(2, 3, 64, 64)
     ref = _tiny()
     torch.manual_seed(1)
@@ -159,9 +165,25 @@ def test_world_of_one_matches_unsharded(world_of_one):
     model = revvit_d2.shard_model(_tiny())
     torch.manual_seed(1)
     model(x).pow(2).mean().backward()
+    assert len(rev_backward_calls) == 2  # both through the reversible engine
     for name, p in ref.named_parameters():
         got = dict(model.named_parameters())[name].grad.full_tensor()
         torch.testing.assert_close(got, p.grad, atol=ATOL, rtol=0)
+
+
+def test_an_error_inside_the_engine_leaves_no_block_gathered(world_of_one):
+    from torch.distributed.tensor import DTensor
+
+    model = revvit_d2.shard_model(_tiny())
+    x = torch.randn(2, 3, 64, 64)
+    handle = model.blocks[1].G.register_forward_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model(x)
+    assert all(isinstance(p, DTensor) for blk in model.blocks for p in blk.parameters())
+    handle.remove()
+    model.reset_iter_state()  # FSDP2's own recovery of the root after an exception
+    model(x).pow(2).mean().backward()  # the next step works
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -14,6 +14,7 @@ full gradient to its sharded parameter and reduce-scatters it at once (``DTensor
 reduce-scatter through the public DTensor API), so that full gradients exist for one branch at a
 time. Blocks that are not FSDP modules pass through untouched. See docs/fsdp.md.
 """
+import contextlib
 import weakref
 from typing import Dict, List, Optional, Sequence
 
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover
     FSDPModule = DTensor = Partial = None
 
 __all__ = ["is_sharded", "set_reduce_dtype", "BlockGather", "ShardedParamGrads",
-           "to_sharded_grad"]
+           "to_sharded_grad", "released_on_error"]
 
 # Block -> the mixed-precision reduce dtype it was sharded with (shard_model records it; FSDP2
 # keeps it in private state). Weak keys: the entry goes with the module.
@@ -116,10 +117,33 @@ class BlockGather:
                 self._full_to_sharded.pop(k, None)
             self.blocks[i].reshard()
 
+    def abort(self) -> None:
+        """After an error inside the run: finish the all-gathers in flight and release every
+        block, so that the blocks are sharded again for the next step."""
+        pending, self._pending = self._pending, {}
+        for handle in pending.values():
+            handle.wait()
+        self._full_to_sharded.clear()
+        self._owned_ids.clear()
+        for blk, named in zip(self.blocks, self.sharded):
+            if named is not None:
+                blk.reshard()
+
     def sharded_of(self, param: torch.Tensor) -> torch.Tensor:
         """The sharded parameter of a gathered block's full parameter; ``param`` itself when it
         belongs to a block that is not sharded."""
         return self._full_to_sharded.get(id(param), param)
+
+
+@contextlib.contextmanager
+def released_on_error(gather: Optional[BlockGather]):
+    """Context of a run's forward or backward: on an exception, :meth:`BlockGather.abort`."""
+    try:
+        yield
+    except BaseException:
+        if gather is not None:
+            gather.abort()
+        raise
 
 
 class ShardedParamGrads(ParamGrads):

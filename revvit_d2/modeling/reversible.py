@@ -28,6 +28,9 @@ Differences from the official SlowFast / mmpretrain engines (same arithmetic, ot
   instead of being accumulated into ``.grad`` by nested ``backward()`` calls, so gradient hooks,
   ``torch.autograd.grad`` and DDP's bucketed all-reduce see every gradient exactly once.
 * The autocast state of the forward is restored for the recomputation.
+* Blocks sharded with FSDP2 (:func:`~revvit_d2.modeling.sharding.shard_model`) are gathered
+  around their F and G, released after them, the next one prefetched; their gradients are
+  reduce-scattered into the sharded parameters block by block (:mod:`.gathering`).
 
 The replay of a sub-block (RNG, autocast, mask) lives in :mod:`.replay`; the settings of a run
 (reversible or plain backward, PaReprop schedule, re-anchoring, finiteness checks) arrive as one
@@ -39,7 +42,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .gathering import BlockGather, ShardedParamGrads
+from .gathering import BlockGather, ShardedParamGrads, released_on_error
 from .options import EngineOptions
 from .parallel import parallel_backward
 from .replay import (ParamGrads, RNGState, add_grad, apply_mask, autocast_state, backprop,
@@ -160,20 +163,21 @@ class RevBackProp(torch.autograd.Function):
             _refuse_dropout(spec)
         records: List[_Record] = []
         gather = spec.gather
-        for i, blk in enumerate(spec.blocks):
-            if gather is not None:  # F and G of a sharded block need its full parameters
-                gather.acquire(i, prefetch=i + 1)
-            mask = drop_path_mask(x1, blk.drop_path_rate, blk.training)
-            rng_f = RNGState(x1.device) if module_uses_rng(blk.F) else None
-            x1 = x1 + apply_mask(blk.F(x2, spec.thw), mask)
-            rng_g = RNGState(x1.device) if module_uses_rng(blk.G) else None
-            x2 = x2 + apply_mask(blk.G(x1), mask)
-            if gather is not None:
-                gather.release(i)
-            if spec.options.check_finite:
-                _check_finite(x1, i, spec.names)
-                _check_finite(x2, i, spec.names)
-            records.append(_Record(mask, rng_f, rng_g))
+        with released_on_error(gather):  # an error leaves no block gathered
+            for i, blk in enumerate(spec.blocks):
+                if gather is not None:  # F and G of a sharded block need its full parameters
+                    gather.acquire(i, prefetch=i + 1)
+                mask = drop_path_mask(x1, blk.drop_path_rate, blk.training)
+                rng_f = RNGState(x1.device) if module_uses_rng(blk.F) else None
+                x1 = x1 + apply_mask(blk.F(x2, spec.thw), mask)
+                rng_g = RNGState(x1.device) if module_uses_rng(blk.G) else None
+                x2 = x2 + apply_mask(blk.G(x1), mask)
+                if gather is not None:
+                    gather.release(i)
+                if spec.options.check_finite:
+                    _check_finite(x1, i, spec.names)
+                    _check_finite(x2, i, spec.names)
+                records.append(_Record(mask, rng_f, rng_g))
         ctx.spec = spec
         ctx.records = records
         ctx.autocast = autocast_state(x1.device.type)
@@ -189,11 +193,12 @@ class RevBackProp(torch.autograd.Function):
             grads = ShardedParamGrads(ctx.spec.params, ctx.spec.gather)
         schedule = parallel_backward if ctx.spec.options.parallel_backward else sequential_backward
         chunk = ctx.spec.options.rev_backward_chunk
-        if chunk <= 0 or chunk >= y1.shape[0]:
-            dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
-        else:
-            dx1, dx2 = _chunked(schedule, chunk, ctx.spec, ctx.records, ctx.autocast,
-                                y1, y2, dy1, dy2, grads)
+        with released_on_error(ctx.spec.gather):
+            if chunk <= 0 or chunk >= y1.shape[0]:
+                dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
+            else:
+                dx1, dx2 = _chunked(schedule, chunk, ctx.spec, ctx.records, ctx.autocast,
+                                    y1, y2, dy1, dy2, grads)
         ctx.records = None
         return (dx1, dx2, None) + tuple(grads.grads)
 
