@@ -44,6 +44,8 @@ CASES = {
     "mvit_adamw": ("rev_mvit_test", dict(_REGULARIZED, parallel_backward=True), "adamw", 3,
                    False),
     "vit_bf16": ("rev_vit_test", dict(depth=3, embed_dim=32), None, 1, True),
+    # HSDP: a 2-D mesh (replicate x shard), 4 processes only
+    "vit_hsdp": ("rev_vit_test", dict(_REGULARIZED, depth=2, embed_dim=32), None, 1, False),
     # the Detectron2 backbones: Rev-ViT with its first block frozen, Rev-MViT under an FPN
     "d2_vit": ("d2_vit", dict(_REGULARIZED, depth=3, embed_dim=32, freeze_blocks=1), None, 1,
                False),
@@ -157,7 +159,12 @@ def run_case(case, rank, world):
     if mixed:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                    reduce_dtype=torch.float32)
-    revvit_d2.shard_model(model, **kwargs)
+    mesh = None
+    if case == "vit_hsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    revvit_d2.shard_model(model, mesh, **kwargs)
     peak = [0]
     blocks = _count_gathered(model, peak)
     x, y = global_batch(case)
