@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 import revvit_d2
 from revvit_d2.modeling import ReversibleBlock, build_model
@@ -159,11 +160,11 @@ def run_case(case, rank, world):
     if mixed:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                    reduce_dtype=torch.float32)
-    mesh = None
+    # an explicit CPU mesh: the default one is on the GPU when there is one
     if case == "vit_hsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
     revvit_d2.shard_model(model, mesh, **kwargs)
     peak = [0]
     blocks = _count_gathered(model, peak)

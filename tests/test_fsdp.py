@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 import revvit_d2
 from revvit_d2.modeling import build_model
@@ -143,12 +144,14 @@ def test_mixed_precision_bf16_params_fp32_reduction(results2):
 
 @pytest.fixture
 def world_of_one():
+    """A one-process gloo group in this process; yields its CPU mesh (the default mesh would
+    be on the GPU when there is one)."""
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                             world_size=1)
     try:
-        yield
+        yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
 
@@ -163,7 +166,7 @@ def test_world_of_one_matches_unsharded(world_of_one, rev_backward_calls):
     ref = _tiny()
     torch.manual_seed(1)
     ref(x).pow(2).mean().backward()
-    model = revvit_d2.shard_model(_tiny())
+    model = revvit_d2.shard_model(_tiny(), world_of_one)
     torch.manual_seed(1)
     model(x).pow(2).mean().backward()
     assert len(rev_backward_calls) == 2  # both through the reversible engine
@@ -175,7 +178,7 @@ def test_world_of_one_matches_unsharded(world_of_one, rev_backward_calls):
 def test_an_error_inside_the_engine_leaves_no_block_gathered(world_of_one):
     from torch.distributed.tensor import DTensor
 
-    model = revvit_d2.shard_model(_tiny())
+    model = revvit_d2.shard_model(_tiny(), world_of_one)
     x = torch.randn(2, 3, 64, 64)
     handle = model.blocks[1].G.register_forward_hook(lambda *_: 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -229,7 +232,7 @@ def test_refuses_a_model_without_reversible_blocks():
 
 
 def test_refuses_a_model_already_sharded(world_of_one):
-    model = revvit_d2.shard_model(_tiny())
+    model = revvit_d2.shard_model(_tiny(), world_of_one)
     with pytest.raises(ValueError, match="already sharded"):
         revvit_d2.shard_model(model)
 
