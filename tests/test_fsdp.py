@@ -6,6 +6,7 @@ steps) must equal one process's on the same global batch, each rank its slice an
 drop path and dropout, both backward schedules, re-anchoring and backward micro-chunks. The
 workers live in tests/_fsdp_worker.py; one spawn per world size runs every case.
 """
+import functools
 import os
 import socket
 import subprocess
@@ -173,6 +174,30 @@ def test_world_of_one_matches_unsharded(world_of_one, rev_backward_calls):
     for name, p in ref.named_parameters():
         got = dict(model.named_parameters())[name].grad.full_tensor()
         torch.testing.assert_close(got, p.grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_every_gather_but_the_first_of_each_pass_is_prefetched(world_of_one, parallel):
+    """4 blocks in 4 re-anchored runs: only the first block of the forward and the last of the
+    backward are gathered on demand; every other gather was started one block ahead, across
+    the runs' boundaries too."""
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    model = build_model("rev_vit_test", depth=4, embed_dim=32, rev_anchor_every=1,
+                        parallel_backward=parallel)
+    revvit_d2.shard_model(model, world_of_one)
+    on_demand = []
+
+    def counting(blk, original, async_op=False):
+        if not async_op and isinstance(next(blk.parameters()), DTensor):
+            on_demand.append(blk)  # a synchronous gather that no prefetch started
+        return original(async_op=async_op)
+
+    for blk in model.blocks:
+        blk.unshard = functools.partial(counting, blk, blk.unshard)
+    model(torch.randn(2, 3, 64, 64)).pow(2).mean().backward()
+    assert [list(model.blocks).index(b) for b in on_demand] == [0, 3]
 
 
 def test_an_error_inside_the_engine_leaves_no_block_gathered(world_of_one):
