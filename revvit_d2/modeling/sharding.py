@@ -10,7 +10,6 @@ block by block (:mod:`.gathering`). See docs/fsdp.md.
 import inspect
 from typing import Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -45,7 +44,7 @@ def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
             group: ``mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
             reduce_dtype=torch.float32)``, ``shard_placement_fn``, ``ignored_params`` (not
             reduced, as in FSDP2). ``reshard_after_forward`` may only be None or True (the engine
-            releases every block right after its F and G); ``offload_policy`` and
+            releases every block right after its F and G); a ``CPUOffloadPolicy`` and
             ``dp_mesh_dims`` are refused.
 
     Raises:
