@@ -22,6 +22,7 @@ derivation and the measured gaps):
 * ``"dr2net"`` (in the spirit of Zhao et al., CVPR 2024): the dual-residual recurrence
   ``z[k+1] = beta * z[k-1] + alpha * z[k] + f_k(z[k])`` over the 2L sub-blocks, which is the
   plain ViT for ``alpha = 1, beta = 0`` and the Re^2TAL network for ``alpha = 0, beta = 1``.
+  :func:`apply_rewiring` starts at ``alpha = 1 - beta`` (measured closer than ``alpha = 1``).
   It runs on the ordinary reversible engine: the streams are stored scaled by
   ``sigma[k] = beta ** ceil(k / 2)`` and each sub-block becomes
   ``(alpha * s * x + f(s * x)) / sigma[k + 1]`` with ``s = sigma[k]``, still a function of its
@@ -372,11 +373,13 @@ def set_dual_residual(model: nn.Module, alpha: float, beta: float) -> nn.Module:
 
 def apply_rewiring(model: nn.Module, rewire: str, beta: float = DEFAULT_DR2NET_BETA) -> nn.Module:
     """Set `model`'s coefficients for `rewire`: 're2tal' (alpha 0, beta 1: the ordinary
-    Rev-ViT) or 'dr2net' (alpha 1, the given beta: close to the plain function)."""
+    Rev-ViT) or 'dr2net' (alpha = 1 - beta with the given beta: close to the plain function for
+    small beta; the linear part ``beta * z[k-1] + (1 - beta) * z[k]`` keeps a constant stream
+    constant, so the gap grows with beta times the residual branches, not the streams)."""
     expected = rewire_kwargs(rewire)["fuse"]
     if model.fuse.mode != expected:
         raise ValueError(f"rewire={rewire!r} needs a model built with fuse={expected!r} "
                          f"(got {model.fuse.mode!r})")
     if rewire == "re2tal":
         return set_dual_residual(model, 0.0, 1.0)
-    return set_dual_residual(model, 1.0, beta)
+    return set_dual_residual(model, 1.0 - beta, beta)

@@ -175,7 +175,8 @@ def test_detectron2_vitdet_backbone_converts_with_windows_and_matches_at_the_exa
     assert _rel(out, ref) < 2e-3
 
 
-def test_vitdet_checkpoint_loads_through_the_detectron2_checkpointer(tmp_path):
+@pytest.mark.parametrize("fuse", ["concat", "avg_prenorm"])
+def test_vitdet_checkpoint_loads_through_the_detectron2_checkpointer(tmp_path, fuse):
     pytest.importorskip("detectron2")
     from revvit_d2.d2 import RevViTBackbone
     from revvit_d2.d2.checkpoint import RevvitCheckpointer
@@ -186,11 +187,14 @@ def test_vitdet_checkpoint_loads_through_the_detectron2_checkpointer(tmp_path):
     detector.backbone = nn.Module()
     detector.backbone.net = RevViTBackbone(img_size=64, patch_size=8, embed_dim=48, depth=4,
                                            num_heads=4, window_size=4,
-                                           global_block_indexes=(1, 3))
+                                           global_block_indexes=(1, 3), fuse=fuse)
     RevvitCheckpointer(detector).load(str(path))
     core = detector.backbone.net
     assert torch.equal(core.blocks[3].F.attn.qkv.weight, net.blocks[3].attn.qkv.weight)
-    assert torch.equal(core.norm.weight, torch.ones(96))  # new by design: identity affine
+    width = 96 if fuse == "concat" else 48
+    assert torch.equal(core.norm.weight, torch.ones(width))  # new by design: identity affine
+    assert core.output_shape()["last_feat"].channels == width
+    assert core(torch.randn(1, 3, 64, 64))["last_feat"].shape == (1, width, 8, 8)
 
 
 def _one_line_error(exc_type, fn):
@@ -224,3 +228,22 @@ def test_bad_input_is_one_line_naming_the_first_mismatch():
     _one_line_error(CheckpointMismatchError, lambda: build(checkpoint=resnet, **TINY))
     assert "rewire" in _one_line_error(ValueError, lambda: revvit_d2.create_model(
         "rev_vit_test", rewire="bogus"))
+
+
+def test_conversion_gap_benchmark_smoke(tmp_path):
+    """benchmarks/vit_conversion_gap.py end to end at a tiny size: the Re^2TAL network stays
+    exactly reversible, and the Dr2Net-style start is closer to the plain model."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vit_conversion_gap.py"
+    spec = importlib.util.spec_from_file_location("vit_conversion_gap", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gap"
+    bench.main(["--sizes", "vit_tiny", "--depth", "2", "--img", "32", "--betas", "0.01",
+                "--out", str(out)])
+    rows = {r["rewire"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["re2tal"]["param_grad_max_rel_err"] < 1e-3
+    assert rows["dr2net"]["logits_rel_err"] < rows["re2tal"]["logits_rel_err"]
+    assert "| vit_tiny (192) | re2tal |" in out.with_suffix(".md").read_text()
