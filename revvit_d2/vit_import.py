@@ -63,6 +63,7 @@ __all__ = [
 PLAIN_VIT_FORMATS = ("timm", "mae", "vitdet")
 REWIRINGS = ("re2tal", "dr2net")
 DEFAULT_DR2NET_BETA = 0.1
+REVERSIBLE_BETA = 0.7  # below it the dual-residual inversion loses float32 accuracy (measured)
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)$")
 _BLOCK_MAP = (
@@ -382,4 +383,10 @@ def apply_rewiring(model: nn.Module, rewire: str, beta: float = DEFAULT_DR2NET_B
                          f"(got {model.fuse.mode!r})")
     if rewire == "re2tal":
         return set_dual_residual(model, 0.0, 1.0)
+    if beta < REVERSIBLE_BETA and model.use_rev_backprop:
+        # measured (docs/results/vit_conversion_gap_cpu.md): at depth 12 the inversion loses
+        # float32 accuracy below beta ~0.7; the gradients of a reversible backward are then wrong
+        logger.warning("rewire='dr2net' with beta=%g: the reversible backward is inaccurate "
+                       "below beta ~%g (docs/vit_import.md); train with "
+                       "use_rev_backprop=False until beta has grown", beta, REVERSIBLE_BETA)
     return set_dual_residual(model, 1.0 - beta, beta)
