@@ -230,6 +230,7 @@ def test_bad_input_is_one_line_naming_the_first_mismatch():
         "rev_vit_test", rewire="bogus"))
 
 
+@pytest.mark.slow
 def test_conversion_gap_benchmark_smoke(tmp_path):
     """benchmarks/vit_conversion_gap.py end to end at a tiny size: the Re^2TAL network stays
     exactly reversible, and the Dr2Net-style start is closer to the plain model."""
