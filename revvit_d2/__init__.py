@@ -11,7 +11,7 @@ from .checkpoint import (
     convert_state_dict,
     load_pretrained,
 )
-from .factory import create_model
+from .factory import create_model, plain_vit_to_rev_vit
 from .modeling import (EngineOptions, RevMViT, RevViT, get_pretrained_cfg, list_models,
                        shard_model)
 from .official import build_from_mmpretrain_cfg, build_from_slowfast_cfg
@@ -34,5 +34,6 @@ __all__ = [
     "get_pretrained_cfg",
     "list_models",
     "load_pretrained",
+    "plain_vit_to_rev_vit",
     "shard_model",
 ]

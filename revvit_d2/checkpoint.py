@@ -1,12 +1,15 @@
 """Conversion of official checkpoints into revvit's parameter names, and strict loading.
 
-Two outside formats are understood:
+Outside formats understood:
 
 * SlowFast ``.pyth`` (``{"model_state": sd, ...}``) with keys such as
   ``rev_backbone.layers.3.F.attn.q.weight`` and ``head.projection.weight``;
 * mmpretrain ``.pth`` (``{"state_dict": sd, "meta": ...}``) with ``backbone.`` / ``head.``
   prefixes, a fused ``attn.qkv`` and possibly a 197-row ``pos_embed`` plus a stray ``cls_token``
-  (the Dec-2022 release format).
+  (the Dec-2022 release format);
+* plain ViTs: timm / DeiT state dicts, MAE pre-training checkpoints and detectron2 ViT(Det)
+  backbones ('timm', 'mae', 'vitdet'), converted by :mod:`revvit_d2.vit_import` (which also
+  holds the rewirings that make them reversible).
 
 The converters are pure key/tensor maps (timm's ``checkpoint_filter_fn`` pattern): they apply to
 a dict of gradients exactly as to a dict of weights. Loading (:func:`load_pretrained`) is strict:
@@ -23,6 +26,7 @@ from torch import nn
 
 from .modeling.layers import resize_pos_embed
 from .utils.io import read_checkpoint
+from .vit_import import PLAIN_VIT_FORMATS, convert_plain_vit, detect_plain_vit
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +195,8 @@ def describe_mapping(sd_or_ckpt: Mapping, fmt: str = "auto") -> List[str]:
                 continue
         elif fmt == "mmpretrain":
             new = _mmpretrain_key(key) or "(dropped)"
+        elif fmt in PLAIN_VIT_FORMATS:
+            return convert_plain_vit(sd, fmt)[1].lines()
         else:
             new = key
         lines.append(f"{key} -> {new}")
@@ -198,7 +204,8 @@ def describe_mapping(sd_or_ckpt: Mapping, fmt: str = "auto") -> List[str]:
 
 
 def detect_format(sd_or_ckpt: Mapping) -> str:
-    """'slowfast', 'mmpretrain' or 'revvit', from the wrapper key or the key names."""
+    """'slowfast', 'mmpretrain', 'timm', 'mae', 'vitdet' or 'revvit', from the wrapper key or
+    the key names."""
     if "model_state" in sd_or_ckpt:
         return "slowfast"
     sd = unwrap_checkpoint(sd_or_ckpt)
@@ -208,19 +215,25 @@ def detect_format(sd_or_ckpt: Mapping) -> str:
     if any(k.startswith("backbone.layers.") or k.startswith("backbone.patch_embed.projection")
            for k in keys):
         return "mmpretrain"
-    return "revvit"
+    return detect_plain_vit(_strip_module(sd)) or "revvit"
 
 
-def convert_state_dict(sd_or_ckpt: Mapping, fmt: str = "auto") -> "OrderedDict[str, torch.Tensor]":
-    """Convert any supported checkpoint (or bare state dict) to revvit names."""
+def convert_state_dict(sd_or_ckpt: Mapping, fmt: str = "auto",
+                       model: Optional[nn.Module] = None) -> "OrderedDict[str, torch.Tensor]":
+    """Convert any supported checkpoint (or bare state dict) to revvit names. `model` (the
+    target) is used by the plain-ViT converters: architecture check first, position embedding
+    resized, tensors new by design filled (:func:`revvit_d2.vit_import.convert_plain_vit`)."""
     fmt = detect_format(sd_or_ckpt) if fmt == "auto" else fmt
+    if fmt in PLAIN_VIT_FORMATS:
+        return convert_plain_vit(_strip_module(unwrap_checkpoint(sd_or_ckpt)), fmt, model)[0]
     if fmt == "slowfast":
         return convert_slowfast_state_dict(sd_or_ckpt)
     if fmt == "mmpretrain":
         return convert_mmpretrain_state_dict(sd_or_ckpt)
     if fmt == "revvit":
         return _strip_module(unwrap_checkpoint(sd_or_ckpt))
-    raise ValueError(f"unknown checkpoint format {fmt!r} (slowfast, mmpretrain, revvit or auto)")
+    raise ValueError(f"unknown checkpoint format {fmt!r} (slowfast, mmpretrain, timm, mae, "
+                     f"vitdet, revvit or auto)")
 
 
 def _pos_grid(model: nn.Module, name: str) -> Optional[Tuple[int, ...]]:
@@ -268,7 +281,9 @@ def load_pretrained(model: nn.Module, checkpoint, fmt: str = "auto",
     Args:
         model: a revvit model.
         checkpoint: a path (``.pyth`` / ``.pth`` / ``.pt``) or an already loaded dict.
-        fmt: 'auto', 'slowfast', 'mmpretrain' or 'revvit'.
+        fmt: 'auto', 'slowfast', 'mmpretrain', 'timm', 'mae', 'vitdet' or 'revvit'. A plain
+            ViT (timm / MAE / ViTDet) into a model of another architecture or size raises
+            :class:`revvit_d2.vit_import.PlainViTMismatch` (one line) before loading anything.
         ignore_prefixes: model/checkpoint keys under these prefixes are neither required nor
             loaded (e.g. ``("head.",)`` to fine-tune with a new classifier).
         strict: raise :class:`CheckpointMismatchError` on any missing, unexpected or
@@ -283,7 +298,7 @@ def load_pretrained(model: nn.Module, checkpoint, fmt: str = "auto",
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = read_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
-    sd = adapt_pos_embed(convert_state_dict(checkpoint, fmt), model)
+    sd = adapt_pos_embed(convert_state_dict(checkpoint, fmt, model=model), model)
     ignore = tuple(ignore_prefixes)
     own = model.state_dict()
     ignored = sorted({k for k in list(sd) + list(own) if ignore and k.startswith(ignore)})

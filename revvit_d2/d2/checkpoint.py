@@ -27,6 +27,7 @@ from torch import nn
 
 from ..checkpoint import (CheckpointMismatchError, adapt_pos_embed, convert_state_dict,
                           detect_format, unwrap_checkpoint)
+from ..vit_import import PLAIN_VIT_FORMATS
 from ..modeling.rev_mvit import RevMViT
 from ..modeling.rev_vit import RevViT
 from ..training.checkpoint import AtomicSaveMixin, SafeLoadMixin
@@ -87,7 +88,8 @@ class RevvitCheckpointer(SafeLoadMixin, AtomicSaveMixin, DetectionCheckpointer):
             return _pkl_checkpoint(data)
         fmt = detect_format(data)
         sd = unwrap_checkpoint(data)
-        if fmt in ("slowfast", "mmpretrain") or (fmt == "revvit" and _is_backbone_only(sd)):
+        if fmt in ("slowfast", "mmpretrain") + PLAIN_VIT_FORMATS or (
+                fmt == "revvit" and _is_backbone_only(sd)):
             return {"model": self._backbone_state(data, fmt, filename),
                     "__author__": fmt, "matching_heuristics": False}
         if "model" not in data:
@@ -96,7 +98,7 @@ class RevvitCheckpointer(SafeLoadMixin, AtomicSaveMixin, DetectionCheckpointer):
 
     def _backbone_state(self, data, fmt: str, filename: str) -> Dict[str, torch.Tensor]:
         prefix, core = find_reversible_core(self.model)
-        sd = adapt_pos_embed(convert_state_dict(data, fmt), core)
+        sd = adapt_pos_embed(convert_state_dict(data, fmt, model=core), core)
         own = core.state_dict()
         loaded = sorted(k for k, v in sd.items() if k in own and own[k].shape == v.shape)
         mismatched = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)

@@ -35,7 +35,8 @@ class RevModelBase(nn.Module):
         self.stack_drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
         self.fuse = TwoStreamFusion(fuse, 2 * width)
         self.num_features = width if self.fuse.halves_width else 2 * width
-        self.norm = nn.LayerNorm(2 * width, eps=1e-6)
+        # a fusion before the norm (converted plain ViTs) leaves one stream's width to normalise
+        self.norm = nn.LayerNorm(width if self.fuse.before_norm else 2 * width, eps=1e-6)
         self.head_drop = nn.Dropout(head_dropout_rate) if head_dropout_rate > 0 else nn.Identity()
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -78,8 +79,16 @@ class RevModelBase(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, N, 2C) -> logits (B, classes) (or pooled features if num_classes == 0)."""
-        x = self.fuse(self.norm(tokens)).mean(dim=1)  # (B, num_features)
+        x = self.fuse_and_norm(tokens).mean(dim=1)  # (B, num_features)
         return self.head(self.head_drop(x))
+
+
+    def fuse_and_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, 2C) -> (B, N, num_features): the final norm and the stream fusion, in
+        the order the fusion asks for (official: norm first)."""
+        if self.fuse.before_norm:
+            return self.norm(self.fuse(tokens))
+        return self.fuse(self.norm(tokens))
 
 
 def _option_property(name: str, settable: bool) -> property:

@@ -194,7 +194,16 @@ class AttentionSubBlock(nn.Module):
         if self.window_size and (self.attn.pool_k is not None or self.attn.pool_v is not None):
             raise ValueError("windowed attention cannot be combined with K/V pooling")
 
+    # (in_scale, skip, out_scale) of a dual-residual rewiring, or None (the ordinary F); set by
+    # revvit_d2.vit_import.set_dual_residual, never saved (plain floats, no state-dict entry)
+    dual: Optional[Tuple[float, float, float]] = None
+
     def forward(self, x: torch.Tensor, thw: Sequence[int]) -> torch.Tensor:
+        if self.dual is not None:
+            return _dual_residual(self._attend, x, self.dual, thw)
+        return self._attend(x, thw)
+
+    def _attend(self, x: torch.Tensor, thw: Sequence[int]) -> torch.Tensor:
         x = self.norm(x)
         if self.window_size > 0:
             T, H, W = thw
@@ -223,8 +232,22 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+def _dual_residual(fn, x: torch.Tensor, dual: Tuple[float, float, float], *args) -> torch.Tensor:
+    """``(skip * s_in * x + fn(s_in * x)) * s_out``: a sub-block of a Dr2Net-style rewired
+    network written for the ordinary additive coupling (docs/vit_import.md derives the scales).
+    Still a function of x alone, so the block stays exactly invertible."""
+    s_in, skip, s_out = dual
+    x = x * s_in
+    out = fn(x, *args)
+    if skip:
+        out = out + skip * x
+    return out * s_out
+
+
 class MlpSubBlock(nn.Module):
     """G of a reversible block: ``mlp(norm(x))``, shape preserving."""
+
+    dual: Optional[Tuple[float, float, float]] = None  # as AttentionSubBlock.dual
 
     def __init__(self, dim, mlp_ratio=4.0, drop=0.0, norm_eps=1e-6):
         super().__init__()
@@ -232,6 +255,11 @@ class MlpSubBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x):
+        if self.dual is not None:
+            return _dual_residual(self._mlp, x, self.dual)
+        return self.mlp(self.norm(x))
+
+    def _mlp(self, x):
         return self.mlp(self.norm(x))
 
 
@@ -241,7 +269,16 @@ class TwoStreamFusion(nn.Module):
     Modes: ``"concat"`` (identity, width 2C), ``"avg"``, ``"add"``, ``"max"``, ``"min"`` (width C),
     and ``"concat_linear_{m}[_{p}]"`` / ``"ln+concat_linear_{m}[_{p}]"`` (``x + MLP(x)`` with hidden
     width ``m * 2C`` and optional dropout p, width 2C). ``dim`` is the width 2C of the input.
+
+    ``"avg_prenorm"`` (mean of the two streams) and ``"last_prenorm"`` (the second stream) give
+    width C and are applied *before* the final LayerNorm, which then has width C
+    (:attr:`before_norm`): the final norm and head of a plain ViT apply to them unchanged
+    (docs/vit_import.md). ``stream_scales`` (s1, s2), default (1, 1), multiplies the streams
+    first (set by a Dr2Net-style rewiring, whose streams are stored scaled).
     """
+
+    PRENORM_MODES = ("avg_prenorm", "last_prenorm")
+    stream_scales: Optional[Tuple[float, float]] = None
 
     def __init__(self, mode: str = "concat", dim: Optional[int] = None):
         super().__init__()
@@ -257,13 +294,18 @@ class TwoStreamFusion(nn.Module):
             if mode.startswith("ln+"):
                 self.norm = nn.LayerNorm(dim, eps=1e-6)
             self.fuse_fn = Mlp(dim, int(ratio * dim), dim, drop=drop)
-        elif mode not in ("concat", "avg", "add", "max", "min"):
+        elif mode not in ("concat", "avg", "add", "max", "min") + self.PRENORM_MODES:
             raise ValueError(f"unknown two-stream fusion mode {mode!r}")
 
     @property
     def halves_width(self) -> bool:
         """True if the output has the width of one stream (C) rather than both (2C)."""
-        return self.mode in ("avg", "add", "max", "min")
+        return self.mode in ("avg", "add", "max", "min") + self.PRENORM_MODES
+
+    @property
+    def before_norm(self) -> bool:
+        """True if the fusion is applied before the final norm (which then has width C)."""
+        return self.mode in self.PRENORM_MODES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse_fn is not None:
@@ -272,7 +314,11 @@ class TwoStreamFusion(nn.Module):
         if self.mode == "concat":
             return x
         a, b = x.chunk(2, dim=-1)
-        if self.mode == "avg":
+        if self.stream_scales is not None:
+            a, b = a * self.stream_scales[0], b * self.stream_scales[1]
+        if self.mode == "last_prenorm":
+            return b
+        if self.mode in ("avg", "avg_prenorm"):
             return (a + b) / 2
         if self.mode == "add":
             return a + b

@@ -375,7 +375,7 @@ class RevMViT(RevModelBase):
         final norm and fusion, the others by a LayerNorm without affine parameters. (The
         Detectron2 backbone gives each returned level a learned norm instead.)"""
         if last:
-            return self.fuse(self.norm(self.stack_drop(tokens)))
+            return self.fuse_and_norm(self.stack_drop(tokens))
         return nnf.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

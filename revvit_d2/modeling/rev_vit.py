@@ -170,7 +170,7 @@ class RevViT(RevModelBase):
                 feats[f"block{end - 1}"] = t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
             start = end
         tokens = self.stack_drop(torch.cat([x1, x2], dim=-1))
-        feat = self.fuse(self.norm(tokens))  # (B, N, num_features)
+        feat = self.fuse_and_norm(tokens)  # (B, N, num_features)
         feats["last_feat"] = feat.transpose(1, 2).reshape(feat.shape[0], -1, h, w)
         return feats
 
