@@ -31,6 +31,7 @@ import shutil
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from detectron2.utils import comm
 from torch import nn
@@ -116,9 +117,21 @@ def fsdp_settings(train_cfg, amp_dtype: Optional[torch.dtype] = None) -> Optiona
     return kwargs
 
 
+def _one_process_group() -> None:
+    """FSDP2 needs a process group; detectron2's ``launch`` makes none for one process (which
+    can resume a sharded checkpoint written by several)."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    comm.create_local_process_group(1)
+
+
 def shard_for_training(model: nn.Module, fsdp_kwargs: Dict[str, Any]) -> nn.Module:
     """`model` with FSDP2 applied (in place; returned): every reversible block and the root.
-    Build the optimizer afterwards. A model that cannot be sharded is one ToolError line."""
+    Build the optimizer afterwards. A model that cannot be sharded is one ToolError line. In a
+    single process without a process group, one is made first."""
+    _one_process_group()
     blocks = [m for m in model.modules() if isinstance(m, ReversibleBlock)]
     rev = [n for n, m in model.named_modules() if getattr(m, "use_rev_backprop", False)]
     if rev:

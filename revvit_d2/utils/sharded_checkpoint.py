@@ -15,6 +15,7 @@ process group, in one process: what ``tools/convert_checkpoint.py`` turns into o
 """
 import os
 import pickle
+import warnings
 from typing import Dict
 
 import torch
@@ -108,5 +109,7 @@ def read_sharded_tensors(path, prefix: str = "model.",
            if fqn.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
     if not out:
         raise KeyError(f"sharded checkpoint {path} holds no tensor under {prefix!r}")
-    dcp.load(out, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "... assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(out, storage_reader=reader, no_dist=True)
     return {fqn[len(prefix):]: t for fqn, t in out.items()}
