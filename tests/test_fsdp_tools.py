@@ -177,7 +177,8 @@ _ROUND_TRIP = textwrap.dedent("""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     import revvit_d2
-    from revvit_d2.training import ShardedCheckpointer, launch_on, shard_for_training
+    from revvit_d2.training import ShardedCheckpointer, shard_for_training
+    from revvit_d2.training.cli import launch_on
 
 
     class Counter:
@@ -268,10 +269,12 @@ def test_detection_sharded_checkpoint_resumes_with_one_process(tmp_path):
     log = _finish(_start(TRAIN_NET, ["--resume", "--num-gpus", 1] + args))
     assert f"resuming from {out / 'model_0000001'} at iteration 2" in log
     assert "World size: 1" in log
-    one = _losses(out)  # iterations 2 and 3 again, now one process with both images
-    for i in (2, 3):
-        print(i, two[i], one[i])
-    assert one[2] != two[2]
+    # Iterations 2 and 3 again, now one process with both images: other per-process batches
+    # and drop-path masks, so other losses (the exact reload: the test above).
+    one = _losses(out)
+    assert {2, 3} <= set(one) and {2, 3} <= set(two)
+    assert all(torch.isfinite(torch.tensor(v)) for i in (2, 3) for v in one[i].values())
+    assert is_sharded_checkpoint(out / "model_final")
 
 
 # ---------------------------------------------------------------------------------------------
