@@ -145,8 +145,9 @@ def test_detection_sharded_resume_after_sigkill_repeats_the_losses(tmp_path):
     assert f"Starting training from iteration {at + 1}" in log
     _assert_resumed_like_uninterrupted(full, killed, at, 8)
     # max_to_keep=2 (the demo's): older checkpoint directories were removed; no temporary one
-    assert sorted(p.name for p in killed.iterdir() if p.name.startswith(("model_", ".tmp"))) \
+    assert sorted(p.name for p in full.iterdir() if p.name.startswith(("model_", ".tmp"))) \
         == ["model_0000005", "model_0000007", "model_final"]
+    assert not [p.name for p in killed.iterdir() if p.name.startswith(".tmp")]
 
 
 @pytest.mark.slow
