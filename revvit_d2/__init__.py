@@ -12,7 +12,8 @@ from .checkpoint import (
     load_pretrained,
 )
 from .factory import create_model
-from .modeling import EngineOptions, RevMViT, RevViT, get_pretrained_cfg, list_models
+from .modeling import (EngineOptions, RevMViT, RevViT, get_pretrained_cfg, list_models,
+                       shard_model)
 from .official import build_from_mmpretrain_cfg, build_from_slowfast_cfg
 from .utils.io import UnsafeCheckpointError
 
@@ -33,4 +34,5 @@ __all__ = [
     "get_pretrained_cfg",
     "list_models",
     "load_pretrained",
+    "shard_model",
 ]

@@ -9,6 +9,7 @@ from .options import EngineOptions
 from .rev_mvit import RevMViT
 from .rev_vit import RevViT
 from .reversible import ReversibleBlock, RevBackProp, compile_subblocks, reversible_stack
+from .sharding import shard_model
 from .variants import build_model, get_model_kwargs, get_pretrained_cfg, list_models
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "RevModelBase",
     "compile_subblocks",
     "reversible_stack",
+    "shard_model",
     "RevViT",
     "RevMViT",
     "build_model",

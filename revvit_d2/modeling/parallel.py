@@ -41,7 +41,12 @@ def parallel_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGra
     gradients to ``grads``. Same signature and result as the sequential schedule."""
     blocks = spec.blocks
     n = len(blocks)
-    main = torch.cuda.current_stream(y1.device) if y1.device.type == "cuda" else None
+    gather = spec.gather
+    # With sharded blocks the schedule runs in order on the caller's stream: FSDP2 frees a
+    # block's gathered parameters on the stream that releases it, which must be the stream that
+    # used them; the overlap is then the next block's all-gather (prefetch).
+    cuda = y1.device.type == "cuda" and gather is None
+    main = torch.cuda.current_stream(y1.device) if cuda else None
     streams = (main, side_stream(y1.device)) if main is not None else (None, None)
     accumulators = (grads, ParamGrads(spec.params) if main is not None else grads)
 
@@ -59,11 +64,15 @@ def parallel_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGra
         return _Recomputed(*parts, stream, done)
 
     start = main.record_event() if main is not None else None
+    if gather is not None:
+        gather.acquire(n - 1, prefetch=n - 2)
     nxt = recompute(n - 1, y1, y2, start)
     ready = start  # the event after which dY of the current block is ready
     for i in range(n - 1, -1, -1):
         cur = nxt
         if i > 0:  # overlap: recompute block i-1 while block i's gradients are computed
+            if gather is not None:  # at most 3 blocks gathered: i, i-1 and i-2 (prefetch)
+                gather.acquire(i - 1, prefetch=i - 2)
             nxt = recompute(i - 1, cur.x1, cur.x2, cur.done)
         acc = accumulators[(n - 1 - i) % 2]
         if cur.stream is None:
@@ -76,6 +85,8 @@ def parallel_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGra
                 dy1, dy2 = _gradient_step(cur, dy1, dy2, acc)
                 ready = cur.stream.record_event()
         del cur
+        if gather is not None:
+            gather.release(i)
     if main is not None:
         _join(main, streams[1], accumulators, (dy1, dy2))
     return dy1, dy2

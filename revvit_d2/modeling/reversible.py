@@ -28,6 +28,9 @@ Differences from the official SlowFast / mmpretrain engines (same arithmetic, ot
   instead of being accumulated into ``.grad`` by nested ``backward()`` calls, so gradient hooks,
   ``torch.autograd.grad`` and DDP's bucketed all-reduce see every gradient exactly once.
 * The autocast state of the forward is restored for the recomputation.
+* Blocks sharded with FSDP2 (:func:`~revvit_d2.modeling.sharding.shard_model`) are gathered
+  around their F and G, released after them, the next one prefetched; their gradients are
+  reduce-scattered into the sharded parameters block by block (:mod:`.gathering`).
 
 The replay of a sub-block (RNG, autocast, mask) lives in :mod:`.replay`; the settings of a run
 (reversible or plain backward, PaReprop schedule, re-anchoring, finiteness checks) arrive as one
@@ -39,6 +42,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .gathering import BlockGather, ShardedParamGrads, released_on_error
 from .options import EngineOptions
 from .parallel import parallel_backward
 from .replay import (ParamGrads, RNGState, add_grad, apply_mask, autocast_state, backprop,
@@ -131,16 +135,18 @@ class _Record:
 
 
 class _RunSpec:
-    """One reversible run: its blocks, token grid, trainable parameters, block names, options."""
+    """One reversible run: its blocks, token grid, trainable parameters, block names, options,
+    and the gatherer of its FSDP-sharded blocks (None when no block is sharded)."""
 
-    __slots__ = ("blocks", "thw", "params", "names", "options")
+    __slots__ = ("blocks", "thw", "params", "names", "options", "gather")
 
     def __init__(self, blocks, thw, params, names, options: EngineOptions):
         self.blocks = blocks
         self.thw = thw
-        self.params = params
+        self.params = params  # of a sharded block: its sharded parameters (DTensors)
         self.names = names
         self.options = options
+        self.gather = BlockGather.of(blocks)
 
 
 class RevBackProp(torch.autograd.Function):
@@ -156,16 +162,22 @@ class RevBackProp(torch.autograd.Function):
         if spec.options.rev_backward_chunk:
             _refuse_dropout(spec)
         records: List[_Record] = []
-        for i, blk in enumerate(spec.blocks):
-            mask = drop_path_mask(x1, blk.drop_path_rate, blk.training)
-            rng_f = RNGState(x1.device) if module_uses_rng(blk.F) else None
-            x1 = x1 + apply_mask(blk.F(x2, spec.thw), mask)
-            rng_g = RNGState(x1.device) if module_uses_rng(blk.G) else None
-            x2 = x2 + apply_mask(blk.G(x1), mask)
-            if spec.options.check_finite:
-                _check_finite(x1, i, spec.names)
-                _check_finite(x2, i, spec.names)
-            records.append(_Record(mask, rng_f, rng_g))
+        gather = spec.gather
+        with released_on_error(gather):  # an error leaves no block gathered
+            for i, blk in enumerate(spec.blocks):
+                if gather is not None:  # F and G of a sharded block need its full parameters
+                    gather.acquire(i, prefetch=i + 1)
+                mask = drop_path_mask(x1, blk.drop_path_rate, blk.training)
+                rng_f = RNGState(x1.device) if module_uses_rng(blk.F) else None
+                x1 = x1 + apply_mask(blk.F(x2, spec.thw), mask)
+                rng_g = RNGState(x1.device) if module_uses_rng(blk.G) else None
+                x2 = x2 + apply_mask(blk.G(x1), mask)
+                if gather is not None:
+                    gather.release(i)
+                if spec.options.check_finite:
+                    _check_finite(x1, i, spec.names)
+                    _check_finite(x2, i, spec.names)
+                records.append(_Record(mask, rng_f, rng_g))
         ctx.spec = spec
         ctx.records = records
         ctx.autocast = autocast_state(x1.device.type)
@@ -175,14 +187,18 @@ class RevBackProp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy1, dy2):
         y1, y2 = (t.detach() for t in ctx.saved_tensors)
-        grads = ParamGrads(ctx.spec.params)
+        if ctx.spec.gather is None:
+            grads = ParamGrads(ctx.spec.params)
+        else:
+            grads = ShardedParamGrads(ctx.spec.params, ctx.spec.gather)
         schedule = parallel_backward if ctx.spec.options.parallel_backward else sequential_backward
         chunk = ctx.spec.options.rev_backward_chunk
-        if chunk <= 0 or chunk >= y1.shape[0]:
-            dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
-        else:
-            dx1, dx2 = _chunked(schedule, chunk, ctx.spec, ctx.records, ctx.autocast,
-                                y1, y2, dy1, dy2, grads)
+        with released_on_error(ctx.spec.gather):
+            if chunk <= 0 or chunk >= y1.shape[0]:
+                dx1, dx2 = schedule(ctx.spec, ctx.records, ctx.autocast, y1, y2, dy1, dy2, grads)
+            else:
+                dx1, dx2 = _chunked(schedule, chunk, ctx.spec, ctx.records, ctx.autocast,
+                                    y1, y2, dy1, dy2, grads)
         ctx.records = None
         return (dx1, dx2, None) + tuple(grads.grads)
 
@@ -217,14 +233,21 @@ def _refuse_dropout(spec):
 def sequential_backward(spec, records, autocast, y1, y2, dy1, dy2, grads: ParamGrads):
     """Walk the blocks backwards: rebuild each block's inputs from its outputs while
     back-propagating through the recomputed G, then F (one recomputation of each per block;
-    at most one sub-block's graph alive at a time)."""
-    for blk, rec in zip(reversed(spec.blocks), reversed(records)):
+    at most one sub-block's graph alive at a time). A sharded block is gathered for its
+    recomputation and released after its gradients; the next one's gather starts meanwhile."""
+    gather = spec.gather
+    for i in range(len(spec.blocks) - 1, -1, -1):
+        blk, rec = spec.blocks[i], records[i]
+        if gather is not None:
+            gather.acquire(i, prefetch=i - 1)
         g_branch, x2 = recompute_g(blk, rec, autocast, y1, y2)
         dy1 = add_grad(dy1, backprop(g_branch, dy2, grads))  # dY1 total = dY1 + dG/dY1^T dY2
         del g_branch
         f_branch, x1 = recompute_f(blk, rec, autocast, spec.thw, x2, y1)
         dx2 = add_grad(dy2, backprop(f_branch, dy1, grads))
         del f_branch
+        if gather is not None:
+            gather.release(i)
         y1, y2, dy2 = x1, x2, dx2  # the rebuilt inputs are the previous block's outputs
     return dy1, dy2
 
