@@ -39,9 +39,8 @@ DETECTION = ["model.backbone.net.depth=2", "model.backbone.net.drop_path_rate=0.
              "dataloader.train.num_workers=1", "dataloader.evaluator=null",
              "train.max_iter=8", "train.checkpointer.period=2", "train.log_period=1",
              "train.seed=7", "train.deterministic=True", "train.device=cpu",
-             "train.fsdp.enabled=True", "model.backbone.net.use_rev_backprop=False"]
-VIDEO = ["model.drop_path_rate=0.2", "train.device=cpu", "train.fsdp.enabled=True",
-         "model.use_rev_backprop=False"]
+             "train.fsdp.enabled=True"]
+VIDEO = ["model.drop_path_rate=0.2", "train.device=cpu", "train.fsdp.enabled=True"]
 
 
 def _start(tool, args, cwd=ROOT):
@@ -195,7 +194,7 @@ _ROUND_TRIP = textwrap.dedent("""
 
     def main(out, phase):
         torch.manual_seed(0)
-        model = revvit_d2.create_model("rev_vit_test", depth=2, use_rev_backprop=False)
+        model = revvit_d2.create_model("rev_vit_test", depth=2, drop_path_rate=0.1)
         model = shard_for_training(model, {"reshard_after_forward": True})
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
         counter = Counter()
@@ -382,6 +381,7 @@ def test_fsdp_keys_default_off_and_bad_settings_are_one_line():
         ({"mixed_precision": "fp16"}, None, r"train\.fsdp\.mixed_precision must be 'bf16' or "
                                             r"None, got 'fp16'"),
         ({"reshard_after_forward": "yes"}, None, r"train\.fsdp\.reshard_after_forward must be"),
+        ({"reshard_after_forward": False}, None, r"reshard_after_forward=False does not apply"),
         ({"mixed_precision": None}, torch.float16, r"train\.amp with float16 does not apply"),
     ]:
         bad = OmegaConf.merge(train, {"fsdp": change})

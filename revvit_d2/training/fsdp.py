@@ -37,9 +37,9 @@ from detectron2.utils import comm
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-from ..modeling.reversible import ReversibleBlock
+from ..modeling import shard_model
 from ..utils.errors import UserError, one_line
 from ..utils.io import TMP_PREFIX, atomic_torch_save, atomic_write
 from ..utils.sharded_checkpoint import METADATA_FILE, SafeShardedReader, is_sharded_checkpoint
@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 FSDP_DEFAULTS = {
     # FSDP2 instead of DDP: parameters, gradients and optimizer state sharded over the processes
     "enabled": False,
-    # free each block's gathered parameters after its forward (gathered again for backward)
+    # free each block's gathered parameters after its forward (gathered again for backward);
+    # the reversible engine needs True (it releases every block right after its F and G)
     "reshard_after_forward": True,
     # "bf16": bfloat16 parameters in forward/backward, float32 gradient reduction and master
     # weights (MixedPrecisionPolicy); None: float32 throughout
@@ -81,7 +82,7 @@ def fsdp_settings(train_cfg, amp_dtype: Optional[torch.dtype] = None) -> Optiona
 
     A setting that does not apply is one :class:`ToolError` line naming it: an unknown key of
     ``train.fsdp``, a ``mixed_precision`` other than ``"bf16"`` / None, a non-boolean
-    ``enabled`` or ``reshard_after_forward``, float16 autocast (`amp_dtype`: its gradient scaler
+    ``enabled`` or ``reshard_after_forward`` (or False: see :data:`FSDP_DEFAULTS`), float16 autocast (`amp_dtype`: its gradient scaler
     would skip steps on some processes and not on others; use bfloat16), and the DDP-only
     settings ``train.ddp.fp16_compression`` and ``find_unused_parameters``.
     """
@@ -95,6 +96,10 @@ def fsdp_settings(train_cfg, amp_dtype: Optional[torch.dtype] = None) -> Optiona
             raise ToolError(f"train.fsdp.{key} must be True or False, got {section[key]!r}")
     if not section.get("enabled", False):
         return None
+    if section.get("reshard_after_forward") is False:
+        raise ToolError("train.fsdp.reshard_after_forward=False does not apply: the reversible "
+                        "engine releases each block's parameters right after its F and G and "
+                        "gathers them again for the backward")
     mp = section.get("mixed_precision")
     if isinstance(mp, str) and mp.lower() in ("none", "null", "fp32", "float32"):
         mp = None
@@ -128,26 +133,19 @@ def _one_process_group() -> None:
 
 
 def shard_for_training(model: nn.Module, fsdp_kwargs: Dict[str, Any]) -> nn.Module:
-    """`model` with FSDP2 applied (in place; returned): every reversible block and the root.
-    Build the optimizer afterwards. A model that cannot be sharded is one ToolError line. In a
-    single process without a process group, one is made first."""
+    """`model` sharded by :func:`revvit_d2.shard_model` with `fsdp_kwargs` (in place;
+    returned). Build the optimizer afterwards. A model that cannot be sharded is one ToolError
+    line. In a single process without a process group, one is made first."""
     _one_process_group()
-    blocks = [m for m in model.modules() if isinstance(m, ReversibleBlock)]
-    rev = [n for n, m in model.named_modules() if getattr(m, "use_rev_backprop", False)]
-    if rev:
-        raise ToolError(f"train.fsdp needs revvit_d2.shard_model for the reversible backward "
-                        f"of {rev[0] or 'the model'}; set use_rev_backprop=False")
     try:
-        for block in blocks:
-            fully_shard(block, **fsdp_kwargs)
-        fully_shard(model, **fsdp_kwargs)
+        shard_model(model, **fsdp_kwargs)
     except UserError:
         raise
-    except (ValueError, RuntimeError, TypeError, AssertionError) as e:
+    except (ValueError, RuntimeError, TypeError) as e:
         raise ToolError(f"cannot shard the model (train.fsdp): {one_line(e)}") from None
-    logger.info("FSDP2: %d reversible blocks and the root sharded over %d process(es) (%s)",
-                len(blocks), comm.get_world_size(),
-                ", ".join(f"{k}={v}" for k, v in fsdp_kwargs.items()))
+    groups = sum(1 for m in model.modules() if isinstance(m, FSDPModule))
+    logger.info("FSDP2: %d parameter groups sharded over %d process(es) (%s)", groups,
+                comm.get_world_size(), ", ".join(f"{k}={v}" for k, v in fsdp_kwargs.items()))
     return model
 
 
