@@ -266,6 +266,11 @@ def test_detection_sharded_checkpoint_resumes_with_one_process(tmp_path):
     _finish(_start(TRAIN_NET, ["--num-gpus", 2] + args))
     two = _losses(out)
     (out / "last_checkpoint").write_text("model_0000001")
+    ddp = [a for a in args if a != "train.fsdp.enabled=True"]  # a sharded one needs FSDP
+    log = _finish(_start(TRAIN_NET, ["--resume"] + ddp), status=1)
+    assert log.strip().splitlines()[-1] == (f"error: {out / 'model_0000001'} is a sharded "
+                                            f"checkpoint: resume it with train.fsdp.enabled=True "
+                                            f"(docs/fsdp_training.md)")
     log = _finish(_start(TRAIN_NET, ["--resume", "--num-gpus", 1] + args))
     assert f"resuming from {out / 'model_0000001'} at iteration 2" in log
     assert "World size: 1" in log

@@ -79,7 +79,10 @@ from revvit_video.engine import (  # noqa: E402
     evaluate_multiview,
 )
 from revvit_video.hub import load_video_checkpoint  # noqa: E402
-from revvit_d2.utils.sharded_checkpoint import is_sharded_checkpoint, read_sharded_tensors  # noqa: E402
+from revvit_d2.utils.sharded_checkpoint import (  # noqa: E402
+    is_sharded_checkpoint,
+    read_sharded_tensors,
+)
 from revvit_d2.data.synthetic.kinetics import default_synthetic_root, make_synthetic_kinetics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

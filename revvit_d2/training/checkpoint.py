@@ -31,8 +31,9 @@ from .cli import ToolError
 from .seeding import resolve_seed
 
 __all__ = ["AtomicCheckpointer", "AtomicSaveMixin", "ResumePoint", "SHARDED_STATE_FILE",
-           "SafeLoadMixin", "add_unsafe_pickle_key", "check_start_checkpoint", "last_checkpoint_file",
-           "load_checked", "read_checked", "resume_from_checkpoint", "resume_point"]
+           "SafeLoadMixin", "add_unsafe_pickle_key", "check_start_checkpoint",
+           "last_checkpoint_file", "load_checked", "read_checked", "resume_from_checkpoint",
+           "resume_point"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,9 @@ def resume_from_checkpoint(checkpointer, trainer, point: ResumePoint) -> None:
     """Load model, optimizer, trainer and hook states from ``point.path`` with `checkpointer`
     and check that the trainer is at ``point.start_iter``. A checkpoint that does not fit is
     one :class:`ToolError` line."""
+    if os.path.isdir(point.path) and not getattr(checkpointer, "saves_on_all_processes", False):
+        raise ToolError(f"{point.path} is a sharded checkpoint: resume it with "
+                        f"train.fsdp.enabled=True (docs/fsdp_training.md)")
     try:
         checkpointer.load(point.path)
     except UserError:

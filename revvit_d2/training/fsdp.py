@@ -82,9 +82,10 @@ def fsdp_settings(train_cfg, amp_dtype: Optional[torch.dtype] = None) -> Optiona
 
     A setting that does not apply is one :class:`ToolError` line naming it: an unknown key of
     ``train.fsdp``, a ``mixed_precision`` other than ``"bf16"`` / None, a non-boolean
-    ``enabled`` or ``reshard_after_forward`` (or False: see :data:`FSDP_DEFAULTS`), float16 autocast (`amp_dtype`: its gradient scaler
-    would skip steps on some processes and not on others; use bfloat16), and the DDP-only
-    settings ``train.ddp.fp16_compression`` and ``find_unused_parameters``.
+    ``enabled`` or ``reshard_after_forward`` (or False: see :data:`FSDP_DEFAULTS`), float16
+    autocast (`amp_dtype`: its gradient scaler would skip steps on some processes and not on
+    others; use bfloat16), and the DDP-only settings ``train.ddp.fp16_compression`` and
+    ``find_unused_parameters``.
     """
     section = dict(train_cfg.get("fsdp") or {})
     unknown = sorted(set(section) - set(FSDP_DEFAULTS))
@@ -110,11 +111,13 @@ def fsdp_settings(train_cfg, amp_dtype: Optional[torch.dtype] = None) -> Optiona
                         "gradient scaler is per process); use bfloat16 autocast or "
                         "train.fsdp.mixed_precision=bf16")
     ddp = train_cfg.get("ddp") or {}
-    for key in ("fp16_compression", "find_unused_parameters"):
+    for key, instead in (("fp16_compression", "the reduction dtype is set by "
+                                              "train.fsdp.mixed_precision"),
+                         ("find_unused_parameters", "FSDP2 needs no search for unused "
+                                                    "parameters")):
         if ddp.get(key):
             raise ToolError(f"train.ddp.{key}=True does not apply with train.fsdp.enabled=True "
-                            f"(DDP only; FSDP2 reduces what each step produced"
-                            f"{', in train.fsdp.mixed_precision' if key[0] == 'f' else ''})")
+                            f"(DDP only: {instead})")
     kwargs = {"reshard_after_forward": bool(section.get("reshard_after_forward", True))}
     if mp is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_MIXED_PRECISION[mp],
