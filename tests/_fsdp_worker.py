@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 import revvit_d2
 from revvit_d2.modeling import ReversibleBlock, build_model
@@ -35,15 +36,21 @@ CASES = {
                                        rev_backward_chunk=1), None, 1, False),
     "vit_plain": ("rev_vit_test", dict(_REGULARIZED, depth=3, embed_dim=32,
                                        use_rev_backprop=False), None, 1, False),
+    "vit_act_checkpoint": ("rev_vit_test", dict(_REGULARIZED, depth=3, embed_dim=32,
+                                                 use_rev_backprop=False, act_checkpoint=True),
+                           None, 1, False),
     "vit_stored": ("rev_vit_test", dict(_REGULARIZED, depth=3, embed_dim=32, stored_blocks=1),
                    None, 1, False),
     "vit_sgd": ("rev_vit_test", dict(_REGULARIZED, depth=2, embed_dim=32), "sgd", 3, False),
     "mvit_adamw": ("rev_mvit_test", dict(_REGULARIZED, parallel_backward=True), "adamw", 3,
                    False),
     "vit_bf16": ("rev_vit_test", dict(depth=3, embed_dim=32), None, 1, True),
-    # the Detectron2 backbones: Rev-ViT with its first block frozen, Rev-MViT under an FPN
-    "d2_vit": ("d2_vit", dict(_REGULARIZED, depth=3, embed_dim=32, freeze_blocks=1), None, 1,
-               False),
+    # HSDP: a 2-D mesh (replicate x shard), 4 processes only
+    "vit_hsdp": ("rev_vit_test", dict(_REGULARIZED, depth=2, embed_dim=32), None, 1, False),
+    # the Detectron2 backbones: Rev-ViT with its stem and first block frozen (the first anchor
+    # run needs no backward), Rev-MViT under an FPN
+    "d2_vit": ("d2_vit", dict(_REGULARIZED, depth=3, embed_dim=32, freeze_patch_embed=True,
+                              freeze_blocks=1, rev_anchor_every=1), None, 1, False),
     "d2_mvit_fpn": ("d2_mvit_fpn", dict(_REGULARIZED), None, 1, False),
 }
 
@@ -154,7 +161,12 @@ def run_case(case, rank, world):
     if mixed:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                    reduce_dtype=torch.float32)
-    revvit_d2.shard_model(model, **kwargs)
+    # an explicit CPU mesh: the default one is on the GPU when there is one
+    if case == "vit_hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    revvit_d2.shard_model(model, mesh, **kwargs)
     peak = [0]
     blocks = _count_gathered(model, peak)
     x, y = global_batch(case)

@@ -6,6 +6,7 @@ steps) must equal one process's on the same global batch, each rank its slice an
 drop path and dropout, both backward schedules, re-anchoring and backward micro-chunks. The
 workers live in tests/_fsdp_worker.py; one spawn per world size runs every case.
 """
+import functools
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 import revvit_d2
 from revvit_d2.modeling import build_model
@@ -24,10 +26,11 @@ import _fsdp_worker as worker
 TESTS = Path(__file__).resolve().parent
 ATOL = 1e-6
 
-CASES_2 = list(worker.CASES)
-# The cases run with 4 processes too (a spawn of 4 takes ~50 s on 2 busy cores): both
-# schedules of both models, re-anchoring, video, and optimizer steps.
-CASES_4 = ["vit_parallel_anchor", "mvit_parallel", "mvit_video_anchor", "vit_sgd", "mvit_adamw"]
+CASES_2 = [c for c in worker.CASES if c != "vit_hsdp"]
+# The cases run with 4 processes (a spawn of 4 takes ~50 s on 2 busy cores): both schedules of
+# both models, re-anchoring, video, optimizer steps, and HSDP (a 2 x 2 mesh).
+CASES_4 = ["vit_parallel_anchor", "mvit_parallel", "mvit_video_anchor", "vit_sgd", "mvit_adamw",
+           "vit_hsdp"]
 
 
 def _free_port() -> int:
@@ -85,7 +88,7 @@ def _assert_same(got, ref, what):
 
 _GRAD_CASES = [c for c in worker.CASES if worker.CASES[c][2] is None and not worker.CASES[c][4]]
 _STEP_CASES = [c for c in worker.CASES if worker.CASES[c][2] is not None]
-_PARAMS = ([pytest.param(2, c, id=f"2-{c}") for c in _GRAD_CASES]
+_PARAMS = ([pytest.param(2, c, id=f"2-{c}") for c in _GRAD_CASES if c in CASES_2]
            + [pytest.param(4, c, id=f"4-{c}", marks=pytest.mark.slow)
               for c in _GRAD_CASES if c in CASES_4])
 _STEP_PARAMS = ([pytest.param(2, c, id=f"2-{c}") for c in _STEP_CASES]
@@ -142,12 +145,14 @@ def test_mixed_precision_bf16_params_fp32_reduction(results2):
 
 @pytest.fixture
 def world_of_one():
+    """A one-process gloo group in this process; yields its CPU mesh (the default mesh would
+    be on the GPU when there is one)."""
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                             world_size=1)
     try:
-        yield
+        yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
 
@@ -162,7 +167,7 @@ def test_world_of_one_matches_unsharded(world_of_one, rev_backward_calls):
     ref = _tiny()
     torch.manual_seed(1)
     ref(x).pow(2).mean().backward()
-    model = revvit_d2.shard_model(_tiny())
+    model = revvit_d2.shard_model(_tiny(), world_of_one)
     torch.manual_seed(1)
     model(x).pow(2).mean().backward()
     assert len(rev_backward_calls) == 2  # both through the reversible engine
@@ -171,10 +176,34 @@ def test_world_of_one_matches_unsharded(world_of_one, rev_backward_calls):
         torch.testing.assert_close(got, p.grad, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_every_gather_but_the_first_of_each_pass_is_prefetched(world_of_one, parallel):
+    """4 blocks in 4 re-anchored runs: only the first block of the forward and the last of the
+    backward are gathered on demand; every other gather was started one block ahead, across
+    the runs' boundaries too."""
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    model = build_model("rev_vit_test", depth=4, embed_dim=32, rev_anchor_every=1,
+                        parallel_backward=parallel)
+    revvit_d2.shard_model(model, world_of_one)
+    on_demand = []
+
+    def counting(blk, original, async_op=False):
+        if not async_op and isinstance(next(blk.parameters()), DTensor):
+            on_demand.append(blk)  # a synchronous gather that no prefetch started
+        return original(async_op=async_op)
+
+    for blk in model.blocks:
+        blk.unshard = functools.partial(counting, blk, blk.unshard)
+    model(torch.randn(2, 3, 64, 64)).pow(2).mean().backward()
+    assert [list(model.blocks).index(b) for b in on_demand] == [0, 3]
+
+
 def test_an_error_inside_the_engine_leaves_no_block_gathered(world_of_one):
     from torch.distributed.tensor import DTensor
 
-    model = revvit_d2.shard_model(_tiny())
+    model = revvit_d2.shard_model(_tiny(), world_of_one)
     x = torch.randn(2, 3, 64, 64)
     handle = model.blocks[1].G.register_forward_hook(lambda *_: 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -228,7 +257,7 @@ def test_refuses_a_model_without_reversible_blocks():
 
 
 def test_refuses_a_model_already_sharded(world_of_one):
-    model = revvit_d2.shard_model(_tiny())
+    model = revvit_d2.shard_model(_tiny(), world_of_one)
     with pytest.raises(ValueError, match="already sharded"):
         revvit_d2.shard_model(model)
 

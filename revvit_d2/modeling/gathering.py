@@ -36,6 +36,9 @@ __all__ = ["is_sharded", "set_reduce_dtype", "BlockGather", "ShardedParamGrads",
 # keeps it in private state). Weak keys: the entry goes with the module.
 _REDUCE_DTYPES: "weakref.WeakKeyDictionary[nn.Module, Optional[torch.dtype]]" = (
     weakref.WeakKeyDictionary())
+# Block -> handle of its all-gather in flight. Shared by the runs: the last block of one
+# ``rev_anchor_every`` chunk prefetches the first of the next (and the backward, the other way).
+_PENDING: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -66,12 +69,17 @@ class BlockGather:
     Built from the run's blocks while they are sharded (it records each sharded block's
     parameters by name, the ones autograd sees). ``acquire(i, prefetch=j)`` makes block i's
     full parameters available (waiting for its prefetch if one is pending) and starts the
-    all-gather of block j; ``release(i)`` frees block i's full parameters. ``sharded_of`` maps a
-    full parameter of a gathered block to its sharded parameter.
+    all-gather of block j; j = -1 and j = len(blocks) are the blocks ``before`` and ``after``
+    the run (the neighbouring runs of a re-anchored stack), if given. ``release(i)`` frees
+    block i's full parameters. ``sharded_of`` maps a full parameter of a gathered block to its
+    sharded parameter.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module]):
+    def __init__(self, blocks: Sequence[nn.Module], before: Optional[nn.Module] = None,
+                 after: Optional[nn.Module] = None):
         self.blocks = list(blocks)
+        self.before = before if before is not None and is_sharded(before) else None
+        self.after = after if after is not None and is_sharded(after) else None
         self.sharded: List[Optional[Dict[str, torch.Tensor]]] = []
         for blk in self.blocks:
             if is_sharded(blk):
@@ -84,32 +92,43 @@ class BlockGather:
                 self.sharded.append(params)
             else:
                 self.sharded.append(None)
-        self._pending = {}  # block index -> handle of its asynchronous all-gather
         self._full_to_sharded: Dict[int, torch.Tensor] = {}
         self._owned_ids: Dict[int, List[int]] = {}
 
     @classmethod
-    def of(cls, blocks: Sequence[nn.Module]) -> Optional["BlockGather"]:
+    def of(cls, blocks: Sequence[nn.Module], before: Optional[nn.Module] = None,
+           after: Optional[nn.Module] = None) -> Optional["BlockGather"]:
         """A gatherer for ``blocks``, or None when none of them is sharded."""
         if any(is_sharded(b) for b in blocks):
-            return cls(blocks)
+            return cls(blocks, before, after)
+        return None
+
+    def _sharded_block(self, j: int) -> Optional[nn.Module]:
+        if j == -1:
+            return self.before
+        if j == len(self.blocks):
+            return self.after
+        if 0 <= j < len(self.blocks) and self.sharded[j] is not None:
+            return self.blocks[j]
         return None
 
     def acquire(self, i: int, prefetch: Optional[int] = None) -> None:
         if self.sharded[i] is not None:
-            handle = self._pending.pop(i, None)
+            blk = self.blocks[i]
+            handle = _PENDING.pop(blk, None)
             if handle is not None:
                 handle.wait()
-            else:
-                self.blocks[i].unshard()
+            # A no-op after the wait, unless FSDP2 dropped the prefetch meanwhile (its end of
+            # backward discards an all-gather nobody waited for): then it gathers now.
+            blk.unshard()
             ids = []
             for name, full in self.blocks[i].named_parameters():
                 self._full_to_sharded[id(full)] = self.sharded[i][name]
                 ids.append(id(full))
             self._owned_ids[i] = ids
-        if (prefetch is not None and 0 <= prefetch < len(self.blocks)
-                and self.sharded[prefetch] is not None and prefetch not in self._pending):
-            self._pending[prefetch] = self.blocks[prefetch].unshard(async_op=True)
+        target = self._sharded_block(prefetch) if prefetch is not None else None
+        if target is not None and target not in _PENDING:
+            _PENDING[target] = target.unshard(async_op=True)
 
     def release(self, i: int) -> None:
         if self.sharded[i] is not None:
@@ -120,14 +139,14 @@ class BlockGather:
     def abort(self) -> None:
         """After an error inside the run: finish the all-gathers in flight and release every
         block, so that the blocks are sharded again for the next step."""
-        pending, self._pending = self._pending, {}
-        for handle in pending.values():
-            handle.wait()
         self._full_to_sharded.clear()
         self._owned_ids.clear()
-        for blk, named in zip(self.blocks, self.sharded):
-            if named is not None:
-                blk.reshard()
+        mine = [b for b, named in zip(self.blocks, self.sharded) if named is not None]
+        for blk in mine + [b for b in (self.before, self.after) if b is not None]:
+            handle = _PENDING.pop(blk, None)
+            if handle is not None:
+                handle.wait()
+            blk.reshard()
 
     def sharded_of(self, param: torch.Tensor) -> torch.Tensor:
         """The sharded parameter of a gathered block's full parameter; ``param`` itself when it

@@ -15,7 +15,8 @@ stream is back-propagated there: the two streams (the caller's and one side stre
 reused across calls) swap roles every block. Block i is recomputed and back-propagated on one
 stream while block i-1 is recomputed on the other; events order the hand-overs (rebuilt inputs,
 dY) and ``record_stream`` keeps each handed-over tensor's memory until the receiving stream is
-done with it. On a CPU the same schedule runs in order.
+done with it. On a CPU, and on CUDA when the blocks are sharded with FSDP2 (docs/fsdp.md), the
+same schedule runs in order.
 """
 from typing import Dict
 

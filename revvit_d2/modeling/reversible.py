@@ -140,13 +140,15 @@ class _RunSpec:
 
     __slots__ = ("blocks", "thw", "params", "names", "options", "gather")
 
-    def __init__(self, blocks, thw, params, names, options: EngineOptions):
+    def __init__(self, blocks, thw, params, names, options: EngineOptions, before=None,
+                 after=None):
         self.blocks = blocks
         self.thw = thw
         self.params = params  # of a sharded block: its sharded parameters (DTensors)
         self.names = names
         self.options = options
-        self.gather = BlockGather.of(blocks)
+        # before / after: the neighbouring runs' blocks, prefetched across the boundary
+        self.gather = BlockGather.of(blocks, before, after)
 
 
 class RevBackProp(torch.autograd.Function):
@@ -321,7 +323,11 @@ def _reversible_runs(blocks, x1, x2, thw, params, options, names):
         chunk = blocks[start:start + step]
         in_chunk = {id(q) for b in chunk for q in b.parameters()}
         chunk_params = [p for p in params if id(p) in in_chunk]
+        after = blocks[start + step] if start + step < len(blocks) else None
+        # the previous run's backward runs (and uses a prefetch) only if its output needs grad
+        before = blocks[start - 1] if start > 0 and (x1.requires_grad or x2.requires_grad) else None
         spec = _RunSpec(chunk, thw, chunk_params,
-                        names[start:start + step] if names is not None else None, options)
+                        names[start:start + step] if names is not None else None, options,
+                        before, after)
         x1, x2 = RevBackProp.apply(x1, x2, spec, *chunk_params)
     return x1, x2

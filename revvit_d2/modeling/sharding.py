@@ -10,7 +10,6 @@ block by block (:mod:`.gathering`). See docs/fsdp.md.
 import inspect
 from typing import Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -39,12 +38,13 @@ def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
         model (nn.Module): the model, on its device, not sharded yet; a reversible block's
             parameters must belong to that block only.
         mesh (DeviceMesh, optional): the data-parallel mesh (1-D: FSDP, 2-D: HSDP); default
-            every process of the default process group.
+            FSDP2's: every process of the default group, on the accelerator if there is one
+            (pass ``init_device_mesh("cpu", (world,))`` to train on CPUs of a GPU machine).
         **fully_shard_kwargs: the other keyword arguments of ``fully_shard``, applied to every
             group: ``mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
             reduce_dtype=torch.float32)``, ``shard_placement_fn``, ``ignored_params`` (not
             reduced, as in FSDP2). ``reshard_after_forward`` may only be None or True (the engine
-            releases every block right after its F and G); ``offload_policy`` and
+            releases every block right after its F and G); a ``CPUOffloadPolicy`` and
             ``dp_mesh_dims`` are refused.
 
     Raises:
