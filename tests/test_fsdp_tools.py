@@ -195,7 +195,7 @@ _ROUND_TRIP = textwrap.dedent("""
     def main(out, phase):
         torch.manual_seed(0)
         model = revvit_d2.create_model("rev_vit_test", depth=2, drop_path_rate=0.1)
-        model = shard_for_training(model, {"reshard_after_forward": True})
+        model = shard_for_training(model, {"reshard_after_forward": True}, "cpu")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
         counter = Counter()
         ckpt = ShardedCheckpointer(model, opt, out, counter=counter)

@@ -260,7 +260,7 @@ def build_training(cfg, device, seed: int, init_weights: bool = False):
             load_weights(model, cfg.train.init_checkpoint,
                          load_head=not cfg.train.get("init_skip_head", False),
                          allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle))
-        model = shard_for_training(model, sharding)  # before the optimizer is built
+        model = shard_for_training(model, sharding, device)  # before the optimizer is built
     _set_num_classes(cfg.dataloader.train, model)
     train_loader = build(cfg.dataloader.train, "the training data loader")
     ipe = train_loader.iters_per_epoch

@@ -139,7 +139,7 @@ def do_train(args, cfg):
         if point.path is None:
             RevvitCheckpointer(model, allow_unsafe_pickle=unsafe).load(
                 cfg.train.init_checkpoint, checkpointables=[])
-        model = shard_for_training(model, sharding)
+        model = shard_for_training(model, sharding, cfg.train.device)
 
     cfg.optimizer.params.model = model
     optimizer = build(cfg.optimizer, "the optimizer")

@@ -37,6 +37,7 @@ from detectron2.utils import comm
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from ..modeling import shard_model
@@ -135,13 +136,16 @@ def _one_process_group() -> None:
     comm.create_local_process_group(1)
 
 
-def shard_for_training(model: nn.Module, fsdp_kwargs: Dict[str, Any]) -> nn.Module:
-    """`model` sharded by :func:`revvit_d2.shard_model` with `fsdp_kwargs` (in place;
-    returned). Build the optimizer afterwards. A model that cannot be sharded is one ToolError
-    line. In a single process without a process group, one is made first."""
+def shard_for_training(model: nn.Module, fsdp_kwargs: Dict[str, Any], device) -> nn.Module:
+    """`model` (on `device`) sharded by :func:`revvit_d2.shard_model` with `fsdp_kwargs` over
+    all processes (in place; returned). Build the optimizer afterwards. A model that cannot be
+    sharded is one ToolError line. In a single process without a process group, one is made
+    first. The mesh is on `device`'s type: FSDP2's default is the GPU whenever there is one,
+    which would move a CPU run's model there."""
     _one_process_group()
+    mesh = init_device_mesh(torch.device(device).type, (comm.get_world_size(),))
     try:
-        shard_model(model, **fsdp_kwargs)
+        shard_model(model, mesh=mesh, **fsdp_kwargs)
     except UserError:
         raise
     except (ValueError, RuntimeError, TypeError) as e:
