@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Convert an official Rev-ViT / Rev-MViT checkpoint to revvit's parameter names.
+"""Convert an official Rev-ViT / Rev-MViT checkpoint, or a sharded one, to one revvit file.
 
 Reads a SlowFast ``.pyth`` (``{"model_state": ...}``) or an mmpretrain ``.pth``
 (``{"state_dict": ...}``), prints the key mapping, optionally checks that the result loads
 strictly into a named revvit model, and writes ``{"model": state_dict, "source": ...}``
-atomically.
+atomically. The source may also be a sharded checkpoint directory written by a training tool
+with ``train.fsdp.enabled=True`` (torch.distributed.checkpoint, any number of processes): the
+output then holds its full model tensors (no optimizer or trainer state), which
+``--eval-only`` (``train.init_checkpoint=OUT``) and the model loaders read (docs/fsdp_training.md).
 
-Example:
+Examples:
     python tools/convert_checkpoint.py REV_VIT_B.pyth rev_vit_b.pth --model rev_vit_b
+    python tools/convert_checkpoint.py output/run/model_final model_final.pth
 
 Expected errors (a missing or unreadable input, a checkpoint that does not fit ``--model``)
 print one ``error:`` line on stderr and exit with status 1 without writing anything.
@@ -25,12 +29,14 @@ import revvit_d2
 from revvit_d2.checkpoint import describe_mapping, detect_format
 from revvit_d2.utils.errors import EXIT_ERROR, UserError, one_line, print_error
 from revvit_d2.utils.io import atomic_torch_save, read_checkpoint
+from revvit_d2.utils.sharded_checkpoint import read_sharded_tensors
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="official checkpoint (.pyth / .pth)")
+    p.add_argument("source", help="official checkpoint (.pyth / .pth), or a sharded checkpoint "
+                                  "directory of a train.fsdp run")
     p.add_argument("output", help="where to write the converted checkpoint")
     p.add_argument("--format", default="auto", choices=["auto", "slowfast", "mmpretrain"],
                    help="input format (default: detected from the keys)")
@@ -46,6 +52,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if os.path.isdir(args.source):
+        return convert_sharded(args)
     try:
         ckpt = read_checkpoint(args.source, allow_unsafe_pickle=args.allow_unsafe_pickle)
     except UserError as e:  # refused: its pickle asks for more than data
@@ -71,6 +79,32 @@ def main(argv=None) -> int:
     # atomic: never a half-written output file
     atomic_torch_save({"model": sd, "source": os.path.basename(args.source), "format": fmt},
                       args.output)
+    print(f"wrote {len(sd)} tensors to {args.output}")
+    return 0
+
+
+def convert_sharded(args) -> int:
+    """A sharded (DCP) checkpoint directory -> one file of its full model tensors."""
+    try:
+        sd = read_sharded_tensors(args.source, "model.", args.allow_unsafe_pickle)
+    except UserError as e:  # refused: its metadata pickle asks for more than data
+        print_error(e)
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - not a DCP directory, incomplete, damaged
+        print_error(UserError(f"cannot read sharded checkpoint {args.source}: {one_line(e)}"))
+        return EXIT_ERROR
+    if not args.quiet:
+        print(f"format: sharded (torch.distributed.checkpoint), {len(sd)} model tensors")
+    if args.model:
+        try:
+            revvit_d2.load_pretrained(revvit_d2.create_model(args.model), sd, fmt="revvit")
+        except (KeyError, ValueError, revvit_d2.CheckpointMismatchError) as e:
+            print_error(UserError(str(e)))
+            return EXIT_ERROR
+        print(f"verified: loads strictly into {args.model}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    source = os.path.basename(os.path.normpath(args.source))
+    atomic_torch_save({"model": sd, "source": source, "format": "revvit"}, args.output)
     print(f"wrote {len(sd)} tensors to {args.output}")
     return 0
 

@@ -15,6 +15,11 @@ Overrides are ``key=value`` pairs after the options (``train.epochs=10``,
 with ``* Top-1``; expected errors (missing data, a bad config key, a checkpoint of another model)
 print one ``error:`` line on stderr and exit with status 1.
 
+Sharded training: ``train.fsdp.enabled=True`` shards parameters, gradients and optimizer state
+over the processes (FSDP2) instead of replicating them (DDP, the default), and saves sharded
+checkpoints (directories) that ``--resume`` continues, with any number of processes;
+tools/convert_checkpoint.py turns one into a file for ``--eval-only`` (docs/fsdp_training.md).
+
 Checkpoints (``train.init_checkpoint``, ``--resume``) are read as data only: a file whose pickle
 needs more is refused; ``train.allow_unsafe_pickle=True`` loads it anyway, which executes code
 from the file: only for files you trust (docs/security.md).
@@ -34,13 +39,17 @@ from detectron2.utils import comm  # noqa: E402
 from revvit_d2.training import (  # noqa: E402
     AtomicCheckpointer,
     SeedState,
+    ShardedCheckpointer,
     ToolError,
+    add_fsdp_keys,
     add_seed_keys,
     add_unsafe_pickle_key,
     build,
     build_trainer,
     check_start_checkpoint,
     ddp,
+    fsdp_settings,
+    is_sharded,
     last_checkpoint_file,
     launch_guarded,
     load_checked,
@@ -49,8 +58,10 @@ from revvit_d2.training import (  # noqa: E402
     resume_from_checkpoint,
     resume_point,
     setup_run,
+    shard_for_training,
     tool_parser,
     training_hooks,
+    unsharded_copy,
 )
 from revvit_video.data import (  # noqa: E402
     NoReadableVideoError,
@@ -69,6 +80,10 @@ from revvit_video.engine import (  # noqa: E402
     evaluate_multiview,
 )
 from revvit_video.hub import load_video_checkpoint  # noqa: E402
+from revvit_d2.utils.sharded_checkpoint import (  # noqa: E402
+    is_sharded_checkpoint,
+    read_sharded_tensors,
+)
 from revvit_d2.data.synthetic.kinetics import default_synthetic_root, make_synthetic_kinetics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +107,7 @@ def build_parser():
 def _add_keys(cfg):
     add_seed_keys(cfg.train)
     add_unsafe_pickle_key(cfg.train)
+    add_fsdp_keys(cfg.train)
 
 
 def load_config(args):
@@ -164,9 +180,15 @@ def build_model(cfg, device):
 def load_weights(model, path, load_head=True, allow_unsafe_pickle=False):
     """Checkpoint `path` into `model`, strictly; read as data only unless
     `allow_unsafe_pickle` (``train.allow_unsafe_pickle``: executes code from the file)."""
-    load_checked(getattr(model, "module", model), os.path.expanduser(str(path)), "the model",
-                 load_video_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle,
-                 load_head=load_head)
+    path = os.path.expanduser(str(path))
+    net = getattr(model, "module", model)
+    if is_sharded_checkpoint(path):  # --eval-only --resume after a train.fsdp run
+        load_video_checkpoint(net, {"model": read_sharded_tensors(path, allow_unsafe_pickle=
+                                                                  allow_unsafe_pickle)},
+                              load_head=load_head)
+        return
+    load_checked(net, path, "the model", load_video_checkpoint,
+                 allow_unsafe_pickle=allow_unsafe_pickle, load_head=load_head)
 
 
 def _set_num_classes(node, model):
@@ -192,6 +214,10 @@ def do_test(cfg, model, device, final=False):
     _set_num_classes(cfg.dataloader.test, model)
     loader = build(cfg.dataloader.test, "the test data loader")
     net = getattr(model, "module", model)
+    if is_sharded(net):
+        # The processes test different numbers of clips, and each forward of a sharded model
+        # gathers from all of them: test an unsharded copy.
+        net = unsharded_copy(net, build_model(cfg, device))
     res = evaluate_multiview(net, loader, device, amp_dtype(cfg),  # autocast on CUDA only
                              log_period=int(cfg.train.get("log_period", 20)))
     skipped = _gather_skipped(loader.skipped_entries())  # distinct entries, all processes
@@ -220,10 +246,18 @@ def do_test(cfg, model, device, final=False):
     return {k: v for k, v in res.items() if k in ("top1", "top5", "videos", "skipped")}
 
 
-def build_training(cfg, device, seed: int):
-    """Model (DDP-wrapped), data loader, trainer and checkpointer of a run with `seed`, and
-    its length ``(max_iter, iterations per epoch)``."""
+def build_training(cfg, device, seed: int, init_weights: bool = False):
+    """Model (DDP-wrapped, or sharded with ``train.fsdp``), data loader, trainer and
+    checkpointer of a run with `seed`, and its length ``(max_iter, iterations per epoch)``.
+    `init_weights`: a sharded model gets ``train.init_checkpoint`` here, before sharding."""
     model = build_model(cfg, device)
+    sharding = fsdp_settings(cfg.train, amp_dtype(cfg))
+    if sharding is not None:
+        if init_weights and cfg.train.get("init_checkpoint"):
+            load_weights(model, cfg.train.init_checkpoint,
+                         load_head=not cfg.train.get("init_skip_head", False),
+                         allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle))
+        model = shard_for_training(model, sharding, device)  # before the optimizer is built
     _set_num_classes(cfg.dataloader.train, model)
     train_loader = build(cfg.dataloader.train, "the training data loader")
     ipe = train_loader.iters_per_epoch
@@ -234,21 +268,29 @@ def build_training(cfg, device, seed: int):
                 max_iter, max_iter / ipe)
     cfg.optimizer.params.model = model
     optimizer = build(cfg.optimizer, "the optimizer")
-    model = ddp(model, device, broadcast_buffers=False)
+    if sharding is None:
+        model = ddp(model, device, broadcast_buffers=False)
     loss = ClipClassificationLoss(model, device, cfg.train.get("label_smoothing", 0.0))
     trainer = build_trainer(loss, train_loader, optimizer, device, amp_dtype(cfg),
                             VideoTrainer, VideoAMPTrainer,
                             clip_grad_l2norm=cfg.train.get("clip_grad_l2norm"))
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                      save_to_disk=comm.is_main_process(), seed=SeedState(seed),
-                                      allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle))
+    if sharding is None:
+        checkpointer = AtomicCheckpointer(
+            model, cfg.train.output_dir, trainer=trainer, save_to_disk=comm.is_main_process(),
+            seed=SeedState(seed), allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle))
+    else:
+        checkpointer = ShardedCheckpointer(model, optimizer, cfg.train.output_dir,
+                                           bool(cfg.train.allow_unsafe_pickle), trainer=trainer,
+                                           seed=SeedState(seed))
     return model, trainer, checkpointer, max_iter, ipe
 
 
 def do_train(args, cfg, device):
     unsafe = bool(cfg.train.allow_unsafe_pickle)
     point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed, unsafe)
-    model, trainer, checkpointer, max_iter, ipe = build_training(cfg, device, point.seed)
+    sharded = fsdp_settings(cfg.train, amp_dtype(cfg)) is not None
+    model, trainer, checkpointer, max_iter, ipe = build_training(
+        cfg, device, point.seed, init_weights=point.path is None)
     ckpt_cfg = cfg.train.get("checkpointer") or {}
     trainer.register_hooks(training_hooks(
         point.seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
@@ -257,7 +299,7 @@ def do_train(args, cfg, device):
         period=int(ckpt_cfg.get("period") or ipe), max_to_keep=ckpt_cfg.get("max_to_keep")))
     if point.path:  # model, optimizer, grad scaler, iteration, data position
         resume_from_checkpoint(checkpointer, trainer, point)
-    elif cfg.train.get("init_checkpoint"):
+    elif cfg.train.get("init_checkpoint") and not sharded:  # sharded: in build_training
         load_weights(model, cfg.train.init_checkpoint,
                      load_head=not cfg.train.get("init_skip_head", False),
                      allow_unsafe_pickle=unsafe)
@@ -311,6 +353,7 @@ def check_inputs(args):
     if args.num_gpus < 1:
         raise ToolError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     cfg, args.config_file = load_config(args)
+    fsdp_settings(cfg.train, amp_dtype(cfg))  # a setting that does not apply: one line, here
     prepare_data(cfg, args.eval_only)
     check_start_checkpoint(cfg.train.output_dir, cfg.train.get("init_checkpoint"), args.resume)
     return str(cfg.train.get("device", "auto"))

@@ -19,6 +19,11 @@ iterations are bit-identical on the CPU; see docs/reliability.md). ``train.seed`
 a random seed, saved in the checkpoints) seeds everything; ``train.deterministic=True`` also
 selects deterministic CUDA kernels. ``dataloader.evaluator=null`` skips the final evaluation.
 
+Sharded training: ``train.fsdp.enabled=True`` shards parameters, gradients and optimizer state
+over the processes (FSDP2) instead of replicating them (DDP, the default), and saves sharded
+checkpoints (directories) that ``--resume`` continues, with any number of processes;
+tools/convert_checkpoint.py turns one into a file for ``--eval-only`` (docs/fsdp_training.md).
+
 Checkpoints (``train.init_checkpoint``, ``--resume``) are read as data only: a file whose pickle
 needs more is refused; ``train.allow_unsafe_pickle=True`` loads it anyway, which executes code
 from the file: only for files you trust (docs/security.md).
@@ -47,21 +52,26 @@ from revvit_d2.d2 import RevvitCheckpointer  # noqa: E402
 from revvit_d2.d2.sampler import build_resumable_train_loader  # noqa: E402
 from revvit_d2.training import (  # noqa: E402
     SeedState,
+    ShardedCheckpointer,
     ToolError,
+    add_fsdp_keys,
     add_seed_keys,
     add_unsafe_pickle_key,
     build,
     build_trainer,
     check_start_checkpoint,
     ddp,
+    fsdp_settings,
     launch_guarded,
     load_tool_config,
     metrics_writer,
     resume_from_checkpoint,
     resume_point,
     setup_run,
+    shard_for_training,
     tool_parser,
     training_hooks,
+    unsharded_copy,
 )
 
 logger = logging.getLogger("revvit.train_net")
@@ -104,33 +114,57 @@ def _no_traceback_for_expected(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
+def _amp_dtype(cfg):
+    amp = cfg.train.amp
+    return getattr(torch, amp.get("precision", "float16")) if amp.enabled else None
+
+
+def _unsharded_for_test(cfg, sharded):
+    """The weights of the sharded model in an unsharded one: the processes test different
+    numbers of images, and each forward of a sharded model gathers from all of them."""
+    fresh = build(cfg.model, "the model").to(cfg.train.device)
+    return unsharded_copy(sharded, fresh)
+
+
 def do_train(args, cfg):
     unsafe = bool(cfg.train.allow_unsafe_pickle)
     point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed, unsafe)
     model = build(cfg.model, "the model")
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
+    sharding = fsdp_settings(cfg.train, _amp_dtype(cfg))
+    if sharding is not None:
+        # train.fsdp: the initial weights go in whole, before sharding; the optimizer is built
+        # after it (it must hold the sharded parameters).
+        if point.path is None:
+            RevvitCheckpointer(model, allow_unsafe_pickle=unsafe).load(
+                cfg.train.init_checkpoint, checkpointables=[])
+        model = shard_for_training(model, sharding, cfg.train.device)
 
     cfg.optimizer.params.model = model
     optimizer = build(cfg.optimizer, "the optimizer")
     train_loader = build(_resumable(cfg.dataloader.train, point.seed, point.start_iter),
                          "the training data loader")
 
-    model = ddp(model, cfg.train.device, **cfg.train.ddp)
-    amp = cfg.train.amp
-    trainer = build_trainer(model, train_loader, optimizer, cfg.train.device,
-                            getattr(torch, amp.get("precision", "float16")) if amp.enabled
-                            else None)
-    checkpointer = RevvitCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                      seed=SeedState(point.seed), allow_unsafe_pickle=unsafe)
+    if sharding is None:
+        model = ddp(model, cfg.train.device, **cfg.train.ddp)
+    trainer = build_trainer(model, train_loader, optimizer, cfg.train.device, _amp_dtype(cfg))
+    if sharding is None:
+        checkpointer = RevvitCheckpointer(model, cfg.train.output_dir, trainer=trainer,
+                                          seed=SeedState(point.seed), allow_unsafe_pickle=unsafe)
+    else:
+        checkpointer = ShardedCheckpointer(model, optimizer, cfg.train.output_dir, unsafe,
+                                           trainer=trainer, seed=SeedState(point.seed))
     trainer.register_hooks(training_hooks(
         point.seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
-        eval_period=cfg.train.eval_period, eval_fn=lambda: do_test(cfg, model),
+        eval_period=cfg.train.eval_period,
+        eval_fn=lambda: do_test(cfg, model if sharding is None
+                                else _unsharded_for_test(cfg, model)),
         **cfg.train.checkpointer))
     # Load before the writers open metrics.json: a checkpoint that does not fit leaves no file.
     if point.path is not None:
         resume_from_checkpoint(checkpointer, trainer, point)
-    else:
+    elif sharding is None:
         checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
     if comm.is_main_process():
         trainer.register_hooks([metrics_writer(
@@ -161,6 +195,8 @@ def check_inputs(cfg, args):
         logger.warning("CUDA is not available: running on the CPU")
         cfg.train.device = "cpu"
     check_start_checkpoint(cfg.train.output_dir, cfg.train.init_checkpoint, args.resume)
+    if fsdp_settings(cfg.train, _amp_dtype(cfg)) is not None and args.eval_only:
+        logger.info("train.fsdp does not apply to --eval-only: the model is tested unsharded")
     # The synthetic set is generated on first use (a few seconds), only if the config uses it.
     if set(_dataset_names(cfg)) & set(d2_data.DEFAULT_NAMES):
         d2_data.register_synthetic_coco()
@@ -173,6 +209,7 @@ def check_inputs(cfg, args):
 def _add_keys(cfg):
     add_seed_keys(cfg.train)
     add_unsafe_pickle_key(cfg.train)
+    add_fsdp_keys(cfg.train)
 
 
 def load_config(args):

@@ -6,7 +6,8 @@
 * :mod:`.checkpoint`: atomic checkpointers, the one "read a checkpoint and check it strictly"
   step, the resume point;
 * :mod:`.seeding`: the seed hooks that make a resumed run repeat the uninterrupted one;
-* :mod:`.engine`: per-process setup, DDP, the hooks in their order, the metric writers.
+* :mod:`.engine`: per-process setup, DDP, the hooks in their order, the metric writers;
+* :mod:`.fsdp`: ``train.fsdp``: FSDP2 instead of DDP, sharded (DCP) checkpoints.
 
 Imports detectron2; never ``revvit_d2.d2`` or ``revvit_video``.
 """
@@ -15,15 +16,20 @@ from .checkpoint import (AtomicCheckpointer, AtomicSaveMixin, ResumePoint, SafeL
                          load_checked, read_checked, resume_from_checkpoint, resume_point)
 from .cli import EXIT_ERROR, ToolError, build, launch_guarded, load_tool_config, tool_parser
 from .engine import build_trainer, ddp, metrics_writer, setup_run, training_hooks
+from .fsdp import (FSDP_DEFAULTS, ShardedCheckpointer, add_fsdp_keys, fsdp_settings,
+                   is_sharded, shard_for_training, unsharded_copy)
 from .lazyconfig import ConfigError, apply_overrides_strict, load_lazy_config
 from .seeding import ReseedHook, SeedState, add_seed_keys, resolve_seed
 
 __all__ = [
-    "AtomicCheckpointer", "AtomicSaveMixin", "ConfigError", "EXIT_ERROR", "ReseedHook",
-    "ResumePoint", "SafeLoadMixin", "SeedState", "ToolError", "add_seed_keys",
+    "AtomicCheckpointer", "AtomicSaveMixin", "ConfigError", "EXIT_ERROR", "FSDP_DEFAULTS",
+    "ReseedHook", "ResumePoint", "SafeLoadMixin", "SeedState", "ShardedCheckpointer",
+    "ToolError", "add_fsdp_keys", "add_seed_keys",
     "add_unsafe_pickle_key", "apply_overrides_strict", "build",
     "build_trainer",
-    "check_start_checkpoint", "ddp", "last_checkpoint_file", "launch_guarded", "load_checked",
+    "check_start_checkpoint", "ddp", "fsdp_settings", "is_sharded",
+    "last_checkpoint_file", "launch_guarded", "load_checked",
     "load_lazy_config", "load_tool_config", "metrics_writer", "read_checked", "resolve_seed",
-    "resume_from_checkpoint", "resume_point", "setup_run", "tool_parser", "training_hooks",
+    "resume_from_checkpoint", "resume_point", "setup_run", "shard_for_training", "tool_parser",
+    "training_hooks", "unsharded_copy",
 ]

@@ -26,14 +26,20 @@ from detectron2.utils import comm
 from ..checkpoint import CheckpointMismatchError, detect_format, load_pretrained
 from ..utils.errors import UserError, one_line
 from ..utils.io import TMP_PREFIX, atomic_torch_save, atomic_write, read_checkpoint
+from ..utils.sharded_checkpoint import is_sharded_checkpoint
 from .cli import ToolError
 from .seeding import resolve_seed
 
-__all__ = ["AtomicCheckpointer", "AtomicSaveMixin", "ResumePoint", "SafeLoadMixin",
-           "add_unsafe_pickle_key", "check_start_checkpoint", "last_checkpoint_file",
-           "load_checked", "read_checked", "resume_from_checkpoint", "resume_point"]
+__all__ = ["AtomicCheckpointer", "AtomicSaveMixin", "ResumePoint", "SHARDED_STATE_FILE",
+           "SafeLoadMixin", "add_unsafe_pickle_key", "check_start_checkpoint",
+           "last_checkpoint_file", "load_checked", "read_checked", "resume_from_checkpoint",
+           "resume_point"]
 
 logger = logging.getLogger(__name__)
+
+#: In a sharded checkpoint directory (:mod:`revvit_d2.training.fsdp`): the file that holds the
+#: run's non-tensor state (iteration, seed, schedule, data position), read as data only.
+SHARDED_STATE_FILE = "training_state.pth"
 
 
 class AtomicSaveMixin:
@@ -94,15 +100,16 @@ class AtomicCheckpointer(SafeLoadMixin, AtomicSaveMixin, Checkpointer):
 
 
 def last_checkpoint_file(save_dir: str) -> Optional[str]:
-    """The file named by ``<save_dir>/last_checkpoint`` (what ``--resume`` loads), or None when
-    there is no such tag. Raises FileNotFoundError when the tag names a missing file."""
+    """The file named by ``<save_dir>/last_checkpoint`` (what ``--resume`` loads; a sharded
+    checkpoint is a directory), or None when there is no such tag. Raises FileNotFoundError
+    when the tag names a missing file."""
     tag = os.path.join(save_dir, "last_checkpoint")
     if not os.path.isfile(tag):
         return None
     with open(tag) as f:
         name = f.read().strip()
     path = os.path.join(save_dir, name)
-    if not name or not os.path.isfile(path):
+    if not name or not (os.path.isfile(path) or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"{tag} names {name!r}, which is not a file in {save_dir}")
     return path
 
@@ -117,6 +124,10 @@ def check_start_checkpoint(save_dir: str, init_checkpoint, resume: bool) -> None
     except FileNotFoundError as e:
         raise ToolError(f"cannot resume: {e}") from None
     init = os.path.expanduser(str(init_checkpoint or ""))
+    if init and is_sharded_checkpoint(init):
+        raise ToolError(f"train.init_checkpoint {init_checkpoint} is a sharded checkpoint (a "
+                        f"directory): --resume continues it from its train.output_dir; "
+                        f"tools/convert_checkpoint.py {init_checkpoint} OUT.pth makes one file")
     if init and "://" not in init and not os.path.isfile(init):
         raise ToolError(f"train.init_checkpoint not found: {init_checkpoint}")
 
@@ -200,7 +211,8 @@ def resume_point(output_dir: str, resume: bool, configured_seed: Optional[int],
         except FileNotFoundError as e:
             raise ToolError(f"cannot resume: {e}") from None
     if path is not None:
-        data = read_checked(path, require=("iteration",), mmap=True,
+        state = os.path.join(path, SHARDED_STATE_FILE) if os.path.isdir(path) else path
+        data = read_checked(state, require=("iteration",), mmap=True,
                             allow_unsafe_pickle=allow_unsafe_pickle)
         saved_iter = int(data["iteration"])
         seed = data.get("seed", {}).get("seed") if isinstance(data.get("seed"), dict) else None
@@ -214,6 +226,9 @@ def resume_from_checkpoint(checkpointer, trainer, point: ResumePoint) -> None:
     """Load model, optimizer, trainer and hook states from ``point.path`` with `checkpointer`
     and check that the trainer is at ``point.start_iter``. A checkpoint that does not fit is
     one :class:`ToolError` line."""
+    if os.path.isdir(point.path) and not getattr(checkpointer, "saves_on_all_processes", False):
+        raise ToolError(f"{point.path} is a sharded checkpoint: resume it with "
+                        f"train.fsdp.enabled=True (docs/fsdp_training.md)")
     try:
         checkpointer.load(point.path)
     except UserError:

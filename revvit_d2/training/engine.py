@@ -56,8 +56,10 @@ def training_hooks(seed: int, scheduler, checkpointer, eval_period: int = 0,
                    eval_fn: Optional[Callable] = None, eval_after_train: bool = True,
                    **periodic_checkpointer) -> List:
     """detectron2's hooks of ``lazyconfig_train_net.py`` (timer, LR schedule, periodic
-    checkpoints on the main process with `periodic_checkpointer` arguments such as ``period``
-    and ``max_to_keep``, evaluation) behind :class:`ReseedHook`, which must run first. Register
+    checkpoints with `periodic_checkpointer` arguments such as ``period`` and ``max_to_keep``,
+    on the main process, or on every process for a checkpointer whose
+    ``saves_on_all_processes`` is True (sharded checkpoints), evaluation) behind
+    :class:`ReseedHook`, which must run first. Register
     the writers (:func:`metrics_writer`) only after the weights are loaded, so that a
     checkpoint that does not fit leaves no ``metrics.json``."""
     return [
@@ -65,7 +67,8 @@ def training_hooks(seed: int, scheduler, checkpointer, eval_period: int = 0,
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=scheduler),
         hooks.PeriodicCheckpointer(checkpointer, **periodic_checkpointer)
-        if comm.is_main_process() else None,
+        if comm.is_main_process() or getattr(checkpointer, "saves_on_all_processes", False)
+        else None,
         hooks.EvalHook(eval_period, eval_fn, eval_after_train=eval_after_train)
         if eval_fn is not None else None,
     ]
