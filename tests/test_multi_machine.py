@@ -117,6 +117,7 @@ def test_first_slurm_host(nodelist, first):
     (dict(num_machines=0), r"--num-machines must be >= 1"),
     (dict(num_processes=0), r"--num-gpus \(processes per machine\) must be >= 1"),
     (dict(num_machines=2, dist_url="auto"), r"--dist-url auto picks a port on one machine"),
+    (dict(num_machines=2), r"--num-machines 2 needs --dist-url tcp://HOST:PORT"),
     (dict(num_machines=2, dist_url="127.0.0.1:1234"), r"--dist-url must be tcp://HOST:PORT"),
     (dict(num_processes=2, dist_url="tcp://127.0.0.1"), r"--dist-url must be tcp://HOST:PORT"),
     (dict(num_machines=2, dist_url="tcp://h:port"), r"--dist-url must be tcp://HOST:PORT"),
@@ -138,6 +139,15 @@ def test_bad_plans_are_one_line_errors(kwargs, message):
     kwargs.setdefault("environ", {})
     with pytest.raises(LaunchError, match=message):
         launch_plan(**kwargs)
+
+
+def test_one_machine_defaults_to_a_free_port():
+    """detectron2's parser default is one fixed port per user, taken by a second run."""
+    from revvit_d2.training.cli import tool_parser
+
+    args = tool_parser("Doc.\n\nMore.", "cfg.py").parse_args(["--num-gpus", "2"])
+    assert args.dist_url is None and args.dist_timeout == 300 and args.launcher == "auto"
+    assert launch_plan(2, 1, 0, args.dist_url, environ={}).dist_url is None  # launch: auto
 
 
 def test_one_process_runs_here():

@@ -172,7 +172,9 @@ def _positive_seconds(text: str) -> float:
 
 def tool_parser(doc: str, default_config: str):
     """detectron2's ``default_argument_parser`` described by a tool's docstring (its first line;
-    the rest is the epilog), with the default config file named in ``--config-file``'s help."""
+    the rest is the epilog), with the default config file named in ``--config-file``'s help,
+    ``--dist-url`` defaulting to a free port of this machine (required with several machines)
+    and two options of :func:`launch_guarded`: ``--dist-timeout`` and ``--launcher``."""
     parser = default_argument_parser(epilog=doc.split("\n\n", 1)[1])
     parser.description = doc.split("\n", 1)[0]
     parser.add_argument("--dist-timeout", type=_positive_seconds, default=DEFAULT_JOIN_TIMEOUT,
@@ -188,6 +190,12 @@ def tool_parser(doc: str, default_config: str):
     for action in parser._actions:
         if action.dest == "config_file":
             action.help = f"path to a LazyConfig file (default: {default_config})"
+        if action.dest == "dist_url":
+            # detectron2's default is a fixed port per user: a second run of the same user on
+            # the machine would find it taken. One machine: a free port; several: required.
+            action.default = None
+            action.help = ("tcp://HOST:PORT of machine 0, the same for every launch; required "
+                           "with --num-machines > 1 (default: a free port on this machine)")
     return parser
 
 

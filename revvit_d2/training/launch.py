@@ -220,6 +220,10 @@ def _check(plan: LaunchPlan) -> None:
     if plan.world_size == 1:
         return
     url = plan.dist_url or "auto"
+    if plan.dist_url is None and plan.num_machines > 1:
+        raise LaunchError(f"--num-machines {plan.num_machines} needs --dist-url "
+                          f"tcp://HOST:PORT: machine 0's address and a free port there, the "
+                          f"same for every launch")
     if url == "auto":
         if plan.num_machines > 1:
             raise LaunchError(f"--dist-url auto picks a port on one machine; with "
