@@ -115,7 +115,9 @@ def test_first_slurm_host(nodelist, first):
                                            r"--num-machines 2 \(0 to 1\)"),
     (dict(num_machines=2, machine_rank=-1), r"--machine-rank -1 is out of range"),
     (dict(num_machines=0), r"--num-machines must be >= 1"),
-    (dict(num_processes=0), r"--num-gpus \(processes per machine\) must be >= 1"),
+    (dict(num_processes=0, num_machines=2, dist_url="tcp://h:1"),
+     r"--num-gpus \(processes per machine\) must be >= 1"),
+    (dict(num_processes=-1), r"--num-gpus \(processes per machine\) must be >= 1"),
     (dict(num_machines=2, dist_url="auto"), r"--dist-url auto picks a port on one machine"),
     (dict(num_machines=2), r"--num-machines 2 needs --dist-url tcp://HOST:PORT"),
     (dict(num_machines=2, dist_url="127.0.0.1:1234"), r"--dist-url must be tcp://HOST:PORT"),
@@ -153,7 +155,9 @@ def test_one_machine_defaults_to_a_free_port():
 def test_one_process_runs_here():
     seen = []
     launch(seen.append, 1, args=("here",))
-    assert seen == ["here"]
+    launch(seen.append, 0, args=("no GPU",))  # detectron2's --num-gpus 0 (eval_imagenet)
+    assert seen == ["here", "no GPU"]
+    assert launch_plan(0, environ={}).world_size == 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,6 +280,15 @@ def test_a_machine_rank_taken_twice():
 ])
 def test_bad_flags_stop_before_any_process_starts(args, pattern):
     _assert_one_error(_start(WORKER, args), pattern, bound=STARTUP)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", [TRAIN_NET, RUN_VIDEO], ids=["train_net", "run_video"])
+def test_the_tools_report_a_missing_machine(tmp_path, tool):
+    args = DETECTION if tool == TRAIN_NET else _video_args(tmp_path)
+    proc = _machine(0, 2, f"tcp://127.0.0.1:{_free_port()}", *args,
+                    f"train.output_dir={tmp_path / 'out'}", script=tool)
+    _assert_one_error(proc, r"machine 1 of 2 did not join at tcp://127\.0\.0\.1:\d+ within 20 s")
 
 
 def test_torchrun_and_slurm_flags_in_the_tools_help():

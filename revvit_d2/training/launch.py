@@ -209,6 +209,8 @@ def parse_dist_url(url: str) -> Tuple[str, int]:
 
 
 def _check(plan: LaunchPlan) -> None:
+    if plan.num_machines == 1 and plan.num_processes == 0 and plan.local_rank is None:
+        return  # detectron2's --num-gpus 0: one process, here (e.g. a CPU evaluation)
     if plan.num_processes < 1:
         raise LaunchError(f"--num-gpus (processes per machine) must be >= 1, got "
                           f"{plan.num_processes}")
@@ -416,7 +418,7 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
     plan = LaunchPlan(num_gpus_per_machine, num_machines, machine_rank, dist_url, local_rank,
                       agent_store)
     _check(plan)
-    if plan.world_size == 1:
+    if plan.world_size <= 1:
         return main_func(*args)
     if plan.dist_url in (None, "auto"):
         plan = replace(plan, dist_url=f"tcp://127.0.0.1:{_find_free_port()}")
