@@ -103,9 +103,10 @@ def launch_on(device: Union[str, torch.device, None], main_func: Callable, num_p
     are not compared with the GPU count; CUDA processes get a GPU each and NCCL. One process in
     all runs `main_func` here, as with detectron2."""
     gpus = processes_use_gpus(device, num_processes)
-    if launch_kwargs.get("local_rank") is not None:  # started by torchrun / srun: too late to hide
+    started = launch_kwargs.get("local_rank") is not None
+    if started:  # by torchrun / srun: too late to hide the GPUs, the backend follows `device`
         launch_kwargs["use_gpus"] = gpus
-    with _gpus_hidden(num_processes * num_machines > 1 and not gpus):
+    with _gpus_hidden(num_processes * num_machines > 1 and not gpus and not started):
         launch(main_func, num_processes, num_machines=num_machines, machine_rank=machine_rank,
                dist_url=dist_url, args=args, **launch_kwargs)
 
