@@ -213,6 +213,29 @@ def test_two_launches_of_two_processes_join():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tasks,nodes", [(2, 2), (2, 1)], ids=["task-per-node", "task-per-process"])
+def test_srun_tasks_join(tasks, nodes):
+    """Two srun tasks, faked on one host: one per node (each starts its process), or two on
+    one node (each is a process)."""
+    base = dict(ENV, SLURM_JOB_ID="77", SLURM_NTASKS=str(tasks), SLURM_NNODES=str(nodes),
+                SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()))
+    procs = []
+    for task in range(tasks):
+        node, local = (task, 0) if nodes == tasks else (0, task)
+        env = dict(base, SLURM_PROCID=str(task), SLURM_NODEID=str(node), SLURM_LOCALID=str(local))
+        procs.append(_start(WORKER, ["--launcher", "slurm", "--dist-timeout", 60], env=env))
+    lines = []
+    for proc in procs:
+        code, out, err, _ = _finish(proc)
+        assert code == 0 and err == [], err
+        lines += [line for line in out.splitlines() if line.startswith("joined")]
+    local = "local {} of 1" if nodes == tasks else "local {} of 2"
+    assert sorted(lines) == [f"joined rank {r} of 2 " + local.format(0 if nodes == tasks else r)
+                             for r in range(2)]
+
+
+@pytest.mark.slow
 def test_a_peer_that_never_shows_up():
     line = _assert_one_error(_machine(0, 2, f"tcp://127.0.0.1:{_free_port()}"),
                              r"machine 1 of 2 did not join at tcp://127\.0\.0\.1:\d+ within 20 s")
