@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
 from ..utils.errors import EXIT_ERROR, UserError, print_error
@@ -99,6 +99,14 @@ def _int(environ: Mapping[str, str], *names: str) -> int:
             except ValueError:
                 raise LaunchError(f"${name} is not an integer: {environ[name]!r}") from None
     raise LaunchError(f"${names[0]} is not set")
+
+
+def _free_port() -> int:
+    """A port that is free now on this machine (another program may take it before the
+    rendezvous does: then the join reports it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _tcp_url(host: str, port) -> str:
@@ -389,6 +397,9 @@ def _worker(local_rank: int, main_func: Callable, plan: LaunchPlan, args: tuple,
                                     world_size=plan.world_size, rank=rank, timeout=timeout)
         else:
             store = rendezvous(plan, local_rank, join_timeout)
+            # Joined: from now on the store serves the process groups (detectron2 creates some
+            # lazily, at a gather), with the collectives' patience, not the join's.
+            store.set_timeout(timeout)
             dist.init_process_group("NCCL" if gpus else "GLOO", store=store,
                                     world_size=plan.world_size, rank=rank, timeout=timeout)
     except LaunchError as e:
@@ -421,7 +432,7 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
     if plan.world_size <= 1:
         return main_func(*args)
     if plan.dist_url in (None, "auto"):
-        plan = replace(plan, dist_url=f"tcp://127.0.0.1:{_find_free_port()}")
+        plan = replace(plan, dist_url=f"tcp://127.0.0.1:{_free_port()}")
     if plan.num_machines > 1 and plan.dist_url.startswith("file://"):
         logger.warning("file:// is not a reliable init_method in multi-machine jobs, and its "
                        "join is not bounded by --dist-timeout. Prefer tcp://")
