@@ -9,7 +9,8 @@
   ``--dist-url auto`` or a URL that is not ``tcp://`` with several machines;
 * the tools: ``tools/train_net.py`` and ``tools/run_video.py`` launched as machine 0 and
   machine 1 (``--num-gpus 1`` each) log the losses of one launch of two processes (and of
-  torchrun's two processes), and machine 0 writes the checkpoint.
+  torchrun's two processes), and machine 0 writes the checkpoint; with ``train.fsdp.enabled``
+  too (skipped while the tools have no ``train.fsdp``).
 
 The light launches use tests/_launch_worker.py (the tools' parser and launch, no model).
 """
@@ -419,30 +420,37 @@ def test_run_video_on_two_machines_matches_one_launch(tmp_path):
     assert (tmp_path / "two" / "model_final.pth").is_file()
 
 
-def _has_fsdp_key() -> bool:
+def _has_fsdp_key(tool: Path) -> bool:
+    """Whether the tool's default config has ``train.fsdp`` (added by the FSDP tool support)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_train_net_for_fsdp", TRAIN_NET)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    cfg = tool.load_config(Namespace(config_file=None, opts=[]))
-    return cfg.train.get("fsdp") is not None
-
-
-@pytest.mark.slow
-def test_fsdp_on_two_machines(tmp_path, detection_reference):
     old_warnings = os.environ.get("PYTHONWARNINGS")
     try:
-        if not _has_fsdp_key():
-            pytest.skip("needs train.fsdp")
+        spec = importlib.util.spec_from_file_location(f"_{tool.stem}_for_fsdp", tool)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cfg = module.load_config(Namespace(config_file=None, opts=[]))
     finally:  # importing a tool extends PYTHONWARNINGS (quiet_import_warnings)
         if old_warnings is None:
             os.environ.pop("PYTHONWARNINGS", None)
         else:
             os.environ["PYTHONWARNINGS"] = old_warnings
-    _two_machines(TRAIN_NET, tmp_path, DETECTION + ["train.fsdp.enabled=True"])
-    losses = _losses(tmp_path)
-    assert sorted(losses) == sorted(detection_reference)
-    for it, row in losses.items():  # sharded, the same sums as DDP's in another order
-        assert row == pytest.approx(detection_reference[it], rel=1e-4, abs=1e-6), it
-    assert (tmp_path / "last_checkpoint").is_file()
+    cfg = cfg[0] if isinstance(cfg, tuple) else cfg
+    return cfg.train.get("fsdp") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", [TRAIN_NET, RUN_VIDEO], ids=["train_net", "run_video"])
+def test_fsdp_on_two_machines(tmp_path, tool):
+    """Sharded training (``train.fsdp.enabled=True``) on two machines logs the losses of one
+    DDP launch of two processes (the same sums in another order) and writes a checkpoint."""
+    if not _has_fsdp_key(tool):
+        pytest.skip("needs train.fsdp")
+    args = DETECTION if tool == TRAIN_NET else _video_args(tmp_path)
+    _one_launch(tool, tmp_path / "ddp", args)
+    _two_machines(tool, tmp_path / "fsdp", args + ["train.fsdp.enabled=True"])
+    ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == sorted(ddp) == [0, 1, 2]
+    for it, row in fsdp.items():
+        assert row == pytest.approx(ddp[it], rel=1e-4, abs=1e-6), it
+    assert (tmp_path / "fsdp" / "last_checkpoint").is_file()
