@@ -391,6 +391,8 @@ def _worker(local_rank: int, main_func: Callable, plan: LaunchPlan, args: tuple,
     backend chosen by `use_gpus` (None: CUDA when available)."""
     gpus = torch.cuda.is_available() if use_gpus is None else use_gpus
     rank = plan.machine_rank * plan.num_processes + local_rank
+    if gpus:  # before the process group: NCCL binds each rank to its device from the start
+        torch.cuda.set_device(local_rank)
     try:
         if plan.dist_url.startswith("file://"):
             dist.init_process_group("NCCL" if gpus else "GLOO", init_method=plan.dist_url,
@@ -410,8 +412,6 @@ def _worker(local_rank: int, main_func: Callable, plan: LaunchPlan, args: tuple,
         # A connection thread may still wait on a silent port: leave without joining it.
         os._exit(EXIT_ERROR)
     comm.create_local_process_group(plan.num_processes)
-    if gpus:
-        torch.cuda.set_device(local_rank)
     comm.synchronize()  # detectron2: prevents a timeout after init_process_group
     main_func(*args)
 
