@@ -8,7 +8,8 @@ it generates a synthetic motion dataset, trains the tiny Rev-MViT on the CPU and
     python tools/run_video.py --config-file configs/Kinetics/rev_mvit_b_16x4.py --eval-only train.init_checkpoint=REV_MVIT_B_16x4.pyth
 
 Training: ``--num-gpus N`` processes (one per GPU; with ``train.device=cpu`` or on a machine
-without CUDA, N CPU processes with the gloo backend), ``--resume`` continues from
+without CUDA, N CPU processes with the gloo backend; several machines, torchrun and SLURM:
+docs/distributed.md), ``--resume`` continues from
 ``<train.output_dir>/last_checkpoint`` (model, optimizer, LR schedule position, iteration).
 Overrides are ``key=value`` pairs after the options (``train.epochs=10``,
 ``dataloader.train.data_path=...``). The last line printed starts

@@ -4,7 +4,9 @@
 Shaped like detectron2's tools/lazyconfig_train_net.py (same options: --config-file,
 --eval-only, --resume, --num-gpus, --num-machines, key=value overrides). ``--num-gpus N``
 starts N processes: one per GPU (NCCL) when ``train.device`` is CUDA, N CPU processes (gloo)
-when it is ``cpu``, as in the demo config, on any machine. Without --config-file
+when it is ``cpu``, as in the demo config, on any machine. Several machines (``--num-machines``,
+``--machine-rank``, ``--dist-url``, ``--dist-timeout``), torchrun and SLURM (``--launcher``):
+docs/distributed.md. Without --config-file
 it runs the built-in demo, configs/COCO/mask_rcnn_revvit_synthetic.py: a small Rev-ViT Mask R-CNN
 trained on a generated COCO-format shapes dataset, then COCO box and mask AP.
 
