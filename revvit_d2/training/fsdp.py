@@ -136,13 +136,26 @@ def _one_process_group() -> None:
     comm.create_local_process_group(1)
 
 
+def _broadcast_from_first(model: nn.Module) -> None:
+    """Every process's copy of `model` made equal to the first process's, as DDP does when it
+    wraps a model: each process builds its model under its own seed, and FSDP2 would otherwise
+    keep each process's own shard of a different initialisation."""
+    if comm.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
 def shard_for_training(model: nn.Module, fsdp_kwargs: Dict[str, Any], device) -> nn.Module:
     """`model` (on `device`) sharded by :func:`revvit_d2.shard_model` with `fsdp_kwargs` over
-    all processes (in place; returned). Build the optimizer afterwards. A model that cannot be
+    all processes (in place; returned), starting from the first process's weights (as DDP
+    does). Build the optimizer afterwards. A model that cannot be
     sharded is one ToolError line. In a single process without a process group, one is made
     first. The mesh is on `device`'s type: FSDP2's default is the GPU whenever there is one,
     which would move a CPU run's model there."""
     _one_process_group()
+    _broadcast_from_first(model)
     mesh = init_device_mesh(torch.device(device).type, (comm.get_world_size(),))
     try:
         shard_model(model, mesh=mesh, **fsdp_kwargs)
