@@ -28,7 +28,7 @@ Per process it reports:
   ``torch.cuda.max_memory_allocated`` of each rank (one process per GPU; with fewer GPUs than N
   that N is skipped, so one GPU measures N = 1 only).
 
-The depth sweep (``--depths``, at ``--depth-world`` processes, Rev-ViT-L's width) shows that the
+The depth sweep (``--depths``, at ``--depth-world`` processes, width 512) shows that the
 working memory stays flat in depth with the reversible engine, against the same sharded model
 trained with plain autograd (``use_rev_backprop=False``), whose saved activations grow with
 every block; the states grow with depth in both and are reported apart.
@@ -56,6 +56,10 @@ MIB = 2.0 ** 20
 MODELS = {"l": ("rev_vit_l", {}), "h": ("rev_vit_h", {})}
 SMOKE_MODELS = {"l": ("rev_vit_l", dict(embed_dim=64, depth=4, num_heads=2)),
                 "h": ("rev_vit_h", dict(embed_dim=96, depth=6, num_heads=2))}
+# the depth sweep: Rev-ViT at a fixed width narrower than L's (2 busy cores: at 224x224 a
+# 1024-wide sweep of sharded processes takes too long), depth overridden
+DEPTH_MODEL = ("rev_vit_l", dict(embed_dim=512, num_heads=8))
+SMOKE_DEPTH_MODEL = ("rev_vit_l", dict(embed_dim=64, num_heads=2))
 MODES = {"reversible": dict(use_rev_backprop=True), "plain": dict(use_rev_backprop=False)}
 
 
@@ -250,7 +254,8 @@ def add_ratios(rows):
 def _line(r) -> str:
     ratio = (f"  states x{r['states_ratio']:.3f}, above baseline x{r['above_baseline_ratio']:.3f}"
              f" of N=1" if r.get("states_ratio") is not None and r["world"] > 1 else "")
-    return (f"{r['variant']:10s} depth {r['depth']!s:>3s} {r['mode']:10s} N={r['world']}: states "
+    depth = f" depth {r['depth']:3d}" if r["depth"] is not None else ""
+    return (f"{r['variant']:10s}{depth} {r['mode']:10s} N={r['world']}: states "
             f"{r['states_mib']:9.1f} MiB, baseline {r['baseline_mib']:7.1f}, peak "
             f"{r['peak_mib']:9.1f}, working {r['working_mib']:8.1f}  (step "
             f"{r['step_seconds']:.1f} s){ratio}")
@@ -276,7 +281,46 @@ def parameter_checks(models):
     return checks
 
 
+def merge(outs):
+    """One report from runs that measured different parts (e.g. the process-count table and the
+    depth sweep, run side by side): rows and raw records concatenated, the depth settings from
+    the run that has depth rows, both commands kept."""
+    out = outs[0]
+    for other in outs[1:]:
+        out["rows"] = out["rows"] + other["rows"]
+        out["raw"] = out["raw"] + other["raw"]
+        if any(r["table"] == "depth" for r in other["rows"]):
+            out["settings"].update({k: v for k, v in other["settings"].items()
+                                    if k.startswith("depth")})
+        if any(r["table"] == "worlds" for r in other["rows"]):
+            out["settings"].update(models=other["settings"]["models"],
+                                   worlds=other["settings"]["worlds"])
+        out["command"] = f"{out['command']}` and `{other['command']}"
+        out["settings"]["wall_seconds"] = max(out["settings"]["wall_seconds"],
+                                              other["settings"]["wall_seconds"])
+        out["partial"] = bool(out.get("partial") or other.get("partial"))
+    return out
+
+
+def write_reports(out, out_path, quiet):
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path + ".json").write_text(json.dumps(out, indent=1) + "\n")
+    Path(out_path + ".md").write_text(markdown(out))
+    plot(out, out_path + ".png")
+    if not quiet:
+        print(Path(out_path + ".md").read_text())
+
+
 def run_parent(args, argv):
+    if args.from_json:  # redraw the markdown and the plot of (finished or killed) runs
+        out = merge([json.loads(Path(p).read_text()) for p in args.from_json])
+        if out.get("machine") is None:  # a killed run's JSON: its rows so far
+            out["machine"] = dict(machine_info(), load_average_1min_at_start=out["settings"].get(
+                "load_average_1min_at_start"), threads_per_process=out["settings"]["threads"])
+            out["parameter_checks"] = parameter_checks(
+                {k: tuple(v) for k, v in out["settings"]["models"].items()})
+        write_reports(out, args.out or str(Path(args.from_json[0]).with_suffix("")), args.quiet)
+        return 0
     if args.device == "cpu" and "torch" in sys.modules:
         raise RuntimeError("fsdp_memory: children must start before torch is imported")
     worlds = sorted(set(args.worlds))
@@ -298,6 +342,30 @@ def run_parent(args, argv):
     load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     raw, rows = [], []
+    out_path = args.out or str(ROOT / "docs" / "results" / (
+        "fsdp_memory_gpu" if args.device == "cuda" else "fsdp_memory_cpu"))
+    settings = dict(device=args.device, smoke=args.smoke, models={k: list(v) for k, v in
+                                                                   models.items()},
+                    worlds=worlds, worlds_skipped=skipped, img_size=args.img_size,
+                    batch_per_process=args.batch, steps=args.steps, threads=args.threads,
+                    depths=sorted(set(args.depths)), depth_modes=list(args.depth_modes),
+                    depth_model=list(SMOKE_DEPTH_MODEL if args.smoke else DEPTH_MODEL),
+                    depth_world=depth_world, depth_img_size=args.depth_img_size,
+                    depth_batch_per_process=args.depth_batch, optimizer="AdamW",
+                    env=MALLOC_ENV if args.device == "cpu" else {},
+                    json_name=Path(out_path + ".json").name)
+    command = command_line(__file__, argv)
+
+    def partial():  # the JSON so far, after every configuration (a killed run keeps its rows;
+        # --from-json draws them); no torch in this process while children are measured
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out_path + ".json.tmp")
+        tmp.write_text(json.dumps(dict(machine=None, settings=dict(
+            settings, wall_seconds=time.perf_counter() - t0, load_average_1min_at_start=load_start),
+            command=command, parameter_checks=[], rows=rows, raw=raw, partial=True),
+            indent=1) + "\n")
+        os.replace(tmp, out_path + ".json")
+
     for key, (variant, overrides) in models.items():
         for world in worlds:
             ranks = measure_world(args, variant, overrides, "reversible", world, args.img_size,
@@ -305,16 +373,18 @@ def run_parent(args, argv):
             raw += ranks
             rows.append(dict(summarize(ranks), table="worlds", model=key))
             add_ratios(rows)
+            partial()
             if not args.quiet:
                 print(_line(rows[-1]), flush=True)
-    depth_variant, depth_base = (SMOKE_MODELS if args.smoke else MODELS)["l"]
+    depth_variant, depth_base = SMOKE_DEPTH_MODEL if args.smoke else DEPTH_MODEL
     for mode in args.depth_modes:
         for depth in sorted(set(args.depths)):
             kw = dict(depth_base, depth=depth)
             ranks = measure_world(args, depth_variant, kw, mode, depth_world,
                                   args.depth_img_size, args.depth_batch)
             raw += ranks
-            rows.append(dict(summarize(ranks), table="depth", model="l"))
+            rows.append(dict(summarize(ranks), table="depth", model="depth"))
+            partial()
             if not args.quiet:
                 print(_line(rows[-1]), flush=True)
     add_ratios(rows)
@@ -329,25 +399,10 @@ def run_parent(args, argv):
     if args.device == "cuda":
         info["gpu"] = raw[0]["gpu"]
         info["gpus"] = gpus
-    out_path = args.out or str(ROOT / "docs" / "results" / (
-        "fsdp_memory_gpu" if args.device == "cuda" else "fsdp_memory_cpu"))
-    settings = dict(device=args.device, smoke=args.smoke, models={k: list(v) for k, v in
-                                                                   models.items()},
-                    worlds=worlds, worlds_skipped=skipped, img_size=args.img_size,
-                    batch_per_process=args.batch, steps=args.steps, threads=args.threads,
-                    depths=sorted(set(args.depths)), depth_modes=list(args.depth_modes),
-                    depth_world=depth_world, depth_img_size=args.depth_img_size,
-                    depth_batch_per_process=args.depth_batch, optimizer="AdamW",
-                    env=MALLOC_ENV if args.device == "cpu" else {}, wall_seconds=wall,
-                    json_name=Path(out_path + ".json").name)
-    out = dict(machine=info, settings=settings, command=command_line(__file__, argv),
-               parameter_checks=checks, rows=rows, raw=raw)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path + ".json").write_text(json.dumps(out, indent=1) + "\n")
-    Path(out_path + ".md").write_text(markdown(out))
-    plot(out, out_path + ".png")
-    if not args.quiet:
-        print(Path(out_path + ".md").read_text())
+    settings["wall_seconds"] = wall
+    out = dict(machine=info, settings=settings, command=command, parameter_checks=checks,
+               rows=rows, raw=raw)
+    write_reports(out, out_path, args.quiet)
     return 0
 
 
@@ -388,8 +443,9 @@ def markdown(out):
             f"{ratio(r['above_baseline_ratio'])} | {r['working_mib']:.1f} |")
     depth_rows = [r for r in out["rows"] if r["table"] == "depth"]
     if depth_rows:
-        lines += ["", f"Depth sweep: `{depth_rows[0]['variant']}` width "
-                      f"{depth_rows[0]['model_kwargs'].get('embed_dim', 'as registered')}, "
+        kw = depth_rows[0]["model_kwargs"]
+        lines += ["", f"Depth sweep: Rev-ViT width {kw.get('embed_dim')}, {kw.get('num_heads')} "
+                      f"heads (`{depth_rows[0]['variant']}` with width and depth overridden), "
                       f"N = {s['depth_world']}, batch {s['depth_batch_per_process']} per process "
                       f"at {s['depth_img_size']}x{s['depth_img_size']}; the reversible engine "
                       f"against the same sharded model with plain autograd "
@@ -479,9 +535,9 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS),
                    help="l: rev_vit_l, h: rev_vit_h (not official)")
-    p.add_argument("--worlds", type=int, nargs="+", default=None,
+    p.add_argument("--worlds", type=int, nargs="*", default=None,
                    help="process counts (default 1 2 4; smoke 1 2; cuda: those up to the "
-                        "number of GPUs)")
+                        "number of GPUs; none: only the depth sweep)")
     p.add_argument("--img-size", type=int, default=None,
                    help="default 64 on the CPU (states dominate; keeps Rev-ViT-H quick), 224 "
                         "on CUDA")
@@ -501,6 +557,9 @@ def parse_args(argv):
                         "2 4)")
     p.add_argument("--out", default=None, help="OUT.{md,json,png}; default "
                    "docs/results/fsdp_memory_cpu (or _gpu)")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="only rewrite the markdown and plot from the JSON of a run (several: "
+                        "merged)")
     p.add_argument("--quiet", action="store_true")
     # child-only arguments
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -517,14 +576,14 @@ def parse_args(argv):
         args.depth_img_size = args.depth_img_size or 32
         if args.depths is None:
             args.depths = [2, 4]
-        args.worlds = args.worlds or [1, 2]
-    args.worlds = args.worlds or [1, 2, 4]
+        args.worlds = [1, 2] if args.worlds is None else args.worlds
+    args.worlds = [1, 2, 4] if args.worlds is None else args.worlds
     args.img_size = args.img_size or (64 if cpu else 224)
     args.batch = args.batch or (2 if cpu else 8)
     args.depths = [8, 16, 24] if args.depths is None else args.depths
     args.depth_img_size = args.depth_img_size or 224
     args.depth_batch = args.depth_batch or (2 if cpu else 8)
-    if min(args.worlds) < 1 or args.depth_world < 1:
+    if min(args.worlds, default=1) < 1 or args.depth_world < 1:
         p.error("process counts must be >= 1")
     return args
 
