@@ -243,9 +243,10 @@ def summarize(ranks) -> dict:
 
 def add_ratios(rows):
     """Each row's states and peak above baseline relative to the same model's N = 1 row."""
-    ones = {(r["variant"], r["mode"], r["depth"]): r for r in rows if r["world"] == 1}
+    key = (lambda r: (r.get("table"), r["variant"], r["mode"], r["depth"]))
+    ones = {key(r): r for r in rows if r["world"] == 1}
     for r in rows:
-        one = ones.get((r["variant"], r["mode"], r["depth"]))
+        one = ones.get(key(r))
         r["states_ratio"] = r["states_mib"] / one["states_mib"] if one else None
         r["above_baseline_ratio"] = (r["above_baseline_mib"] / one["above_baseline_mib"]
                                      if one else None)
@@ -447,9 +448,10 @@ def markdown(out):
         lines += ["", f"Depth sweep: Rev-ViT width {kw.get('embed_dim')}, {kw.get('num_heads')} "
                       f"heads (`{depth_rows[0]['variant']}` with width and depth overridden), "
                       f"N = {s['depth_world']}, batch {s['depth_batch_per_process']} per process "
-                      f"at {s['depth_img_size']}x{s['depth_img_size']}; the reversible engine "
-                      f"against the same sharded model with plain autograd "
-                      f"(`use_rev_backprop=False`). MiB per process:", "",
+                      f"at {s['depth_img_size']}x{s['depth_img_size']}; the reversible engine"
+                      + (f" against the same {'sharded ' if s['depth_world'] > 1 else ''}model "
+                         f"with plain autograd (`use_rev_backprop=False`)"
+                         if "plain" in s["depth_modes"] else "") + ". MiB per process:", "",
                   "| depth | mode | states | peak | working |", "|---:|---|---:|---:|---:|"]
         for r in depth_rows:
             lines.append(f"| {r['depth']} | {r['mode']} | {r['states_mib']:.1f} | "
