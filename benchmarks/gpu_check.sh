@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check: everything in revvit that needs a GPU, in one run of at most ~8 minutes on
+# One-call GPU check: everything in revvit that needs a GPU, in one run of at most ~9 minutes on
 # one H100/H200, written to one results folder.
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU machine
@@ -17,6 +17,10 @@
 #   4. detector       Mask R-CNN memory per image at 1024x1024: Rev-ViT-B, the same with plain
 #                     autograd, ViTDet ViT-B; fp32 and bf16          (benchmarks/detector_memory.py)
 #   5. compile        torch.compile speed-up of the reversible model  (benchmarks/compile_speed.py)
+#   6. fsdp_memory    per-process memory of (sharded) training, Rev-ViT-L and rev_vit_h, AdamW:
+#                     parameters + gradients + optimizer state, max_memory_allocated, working
+#                     memory at 8 and 24 blocks; the world of one GPU (N = 1)
+#                                                                     (benchmarks/fsdp_memory.py)
 # Every benchmark writes JSON (with machine.gpu naming the device), markdown and a plot;
 # gpu_check.json / gpu_check.md list the steps, their status and time.
 #
@@ -72,7 +76,8 @@ if [ "$SMOKE" = "1" ]; then
     COMP=(--model rev_vit_test --img-size 64 --batch 2 --repeats 2 --backend aot_eager
           --threads 1)
     PYTEST=(-m cuda -q -p no:cacheprovider tests/test_cuda_engine.py tests/test_parallel_backward.py)
-    LIMITS=(120 60 60 90 90)
+    FSDP=(--smoke --worlds 1 --depth-world 1 --depths 2 4 --depth-modes reversible)
+    LIMITS=(120 60 60 90 90 120)
 else
     MS=(--sizes s b l --repeats 5 --batch 64 --memory-batches 8 24)
     LB=(--sizes b --dtypes bfloat16 --sides plain rev ckpt --largest-batch --repeats 3)
@@ -80,7 +85,8 @@ else
          --dtypes float32 bfloat16 --jobs 2)
     COMP=(--model rev_vit_b --batch 32 --repeats 5 --dtype bfloat16 --plain)
     PYTEST=(-m cuda -q -p no:cacheprovider tests)
-    LIMITS=(120 120 60 90 90)
+    FSDP=(--worlds 1 --depth-world 1 --depths 8 24 --depth-modes reversible)  # 4 processes
+    LIMITS=(120 120 60 90 90 60)
 fi
 
 T0=$(date +%s)
@@ -99,5 +105,7 @@ run detector "${LIMITS[3]}" "$PYTHON" benchmarks/detector_memory.py --device "$D
     "${DET[@]}" --out "$OUT/detector_memory" --quiet
 run compile "${LIMITS[4]}" "$PYTHON" benchmarks/compile_speed.py --device "$DEVICE" \
     "${COMP[@]}" --out "$OUT/compile_speed"
+run fsdp_memory "${LIMITS[5]}" "$PYTHON" benchmarks/fsdp_memory.py --device "$DEVICE" \
+    "${FSDP[@]}" --out "$OUT/fsdp_memory" --quiet
 
 "$PYTHON" benchmarks/gpu_check_report.py "$OUT" "$SMOKE" "$(( $(date +%s) - T0 ))"

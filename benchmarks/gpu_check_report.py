@@ -19,6 +19,7 @@ EXPECTED = {
     "largest_batch": ["largest_batch.json", "largest_batch.md"],
     "detector": ["detector_memory.json", "detector_memory.md"],
     "compile": ["compile_speed.json", "compile_speed.md"],
+    "fsdp_memory": ["fsdp_memory.json", "fsdp_memory.md", "fsdp_memory.png"],
 }
 
 

@@ -19,7 +19,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert [s["name"] for s in summary["steps"]] == [
-        "memory_speed", "pytest_cuda", "largest_batch", "detector", "compile"]
+        "memory_speed", "pytest_cuda", "largest_batch", "detector", "compile", "fsdp_memory"]
     assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
     assert summary["smoke"] is True and summary["machine"]["gpu"] is None
     assert summary["cuda_tests"]["failed"] == 0
@@ -27,6 +27,8 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     assert {"plain", "rev", "ckpt", "rev_parallel", "rev_hybrid"} <= set(rows[0]["images_per_s"])
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
     assert "GPU check:" in (out / "gpu_check.md").read_text()
+    fsdp = json.loads((out / "fsdp_memory.json").read_text())
+    assert {r["world"] for r in fsdp["rows"]} == {1}  # the world of one GPU
 
 
 def test_gpu_check_refuses_without_a_gpu_outside_smoke_mode(tmp_path):

@@ -62,6 +62,13 @@ register_variant(
     dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, drop_path_rate=0.2),
     dict(_IMAGENET_EVAL, checkpoint=None),
 )
+# NOT official (no config, no checkpoint): a ViT-H/16-sized Rev-ViT, 1280 wide, 32 blocks, 16
+# heads, for the sharded-training memory measurements (benchmarks/fsdp_memory.py).
+register_variant(
+    "rev_vit_h", RevViT,
+    dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0, drop_path_rate=0.2),
+    dict(_IMAGENET_EVAL, checkpoint=None),
+)
 # Tiny variant for tests and the built-in demo (same shape as the oracle's tiny Rev-ViT).
 register_variant(
     "rev_vit_test", RevViT,
