@@ -27,6 +27,7 @@ import sys
 
 import revvit_d2
 from revvit_d2.checkpoint import describe_mapping, detect_format
+from revvit_d2.vit_import import PLAIN_VIT_FORMATS
 from revvit_d2.utils.errors import EXIT_ERROR, UserError, one_line, print_error
 from revvit_d2.utils.io import atomic_torch_save, read_checkpoint
 from revvit_d2.utils.sharded_checkpoint import read_sharded_tensors
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("source", help="official checkpoint (.pyth / .pth), or a sharded checkpoint "
                                   "directory of a train.fsdp run")
     p.add_argument("output", help="where to write the converted checkpoint")
-    p.add_argument("--format", default="auto", choices=["auto", "slowfast", "mmpretrain"],
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "slowfast", "mmpretrain", *PLAIN_VIT_FORMATS],
                    help="input format (default: detected from the keys)")
     p.add_argument("--model", default=None,
                    help=f"verify a strict load into this model ({', '.join(revvit_d2.list_models())})")
