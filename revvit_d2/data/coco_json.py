@@ -234,96 +234,116 @@ def clean_coco_json(data: dict, source: str = "") -> Tuple[dict, List[JsonProble
     return cleaned, problems
 
 
-def clean_coco_json_changed(data: dict, source: str = ""
-                            ) -> Tuple[dict, List[JsonProblem], bool]:
-    """:func:`clean_coco_json` and whether the cleaned json differs from `data` (an entry was
-    dropped, renumbered or mended: a reason not in :data:`REPORTED_ONLY`)."""
-    problems: List[JsonProblem] = []
-    prefix = f"{source}:" if source else ""
+def _ident(entry, index):
+    """An entry's id, or ``#<index>`` when it has no usable one."""
+    has = isinstance(entry, dict) and isinstance(entry.get("id"), (int, str)) \
+        and not isinstance(entry.get("id"), bool)
+    return entry["id"] if has else f"#{index}"
 
-    def report(kind: str, ident, reason: str, detail: str):
-        problems.append(JsonProblem(f"{prefix}{kind} {ident}", reason, detail))
 
-    def ident(entry, index):
-        has = isinstance(entry, dict) and isinstance(entry.get("id"), (int, str)) \
-            and not isinstance(entry.get("id"), bool)
-        return entry["id"] if has else f"#{index}"
+class _Cleaning:
+    """One pass of :func:`clean_coco_json_changed`: a method per list of the json, the problems
+    collected in order."""
 
-    # Categories: an integer id and a name (detectron2 sorts the ids and reads the names).
-    categories, cat_ids = [], set()
-    for i, c in enumerate(data.get("categories") or []):
-        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"),
-                                                                                   str):
-            what = (f"not an object: {type(c).__name__}" if not isinstance(c, dict) else
-                    f"needs an integer id and a name, got id {c.get('id')!r}, "
-                    f"name {c.get('name')!r}")
-            report("category", ident(c, i), MALFORMED_CATEGORY, what)
-        elif c["id"] in cat_ids:
-            report("category", c["id"], DUPLICATE_CATEGORY_ID,
-                   f"{c.get('name')!r} dropped; the first category with this id is kept")
-        else:
-            cat_ids.add(c["id"])
-            categories.append(c)
+    def __init__(self, data: dict, source: str):
+        self.data = data
+        self.prefix = f"{source}:" if source else ""
+        self.problems: List[JsonProblem] = []
+        self.changed_anns = 0  # annotations mended or renumbered
 
-    # Images. Annotations per image id first, to say what a dropped image takes with it.
-    raw_anns = data.get("annotations") or []
-    per_image = collections.Counter(a.get("image_id") for a in raw_anns
-                                    if isinstance(a, dict) and isinstance(a.get("image_id"),
-                                                                          (int, str)))
-    images, image_by_id, dropped_image_ids = [], {}, set()
-    for i, img in enumerate(data.get("images") or []):
-        why = _image_problem(img)
-        if why is not None:
-            n = per_image.get(img.get("id"), 0) if isinstance(img, dict) and _hashable(
-                img.get("id")) else 0
-            if isinstance(img, dict) and _hashable(img.get("id")) and img.get("id") not in \
-                    image_by_id:
-                dropped_image_ids.add(img.get("id"))
-            report("image", ident(img, i), MALFORMED_IMAGE,
-                   f"{why}; dropped with its {n} annotation(s)" if n else why)
-        elif img["id"] in image_by_id:
-            report("image", img["id"], DUPLICATE_IMAGE_ID,
-                   f"{img.get('file_name')!r} dropped; the first image with this id "
-                   f"({image_by_id[img['id']].get('file_name')!r}) is kept")
-        else:
-            image_by_id[img["id"]] = img
-            images.append(img)
-    dropped_image_ids -= set(image_by_id)
+    def report(self, kind: str, ident, reason: str, detail: str):
+        self.problems.append(JsonProblem(f"{self.prefix}{kind} {ident}", reason, detail))
 
-    # Annotations.
-    annotations, positions, changed_anns = [], [], 0
-    for i, a in enumerate(raw_anns):
-        aid = ident(a, i) if not isinstance(a, dict) or not _is_int(a.get("id")) else a["id"]
-        if not isinstance(a, dict):
-            report("annotation", aid, MALFORMED_ANNOTATION, f"not an object: {type(a).__name__}")
-            continue
-        image_id = a.get("image_id")
-        if _hashable(image_id) and image_id in dropped_image_ids:
-            continue  # told with the image
-        if not _hashable(image_id) or image_id not in image_by_id:
-            report("annotation", aid, UNKNOWN_IMAGE, f"image_id {image_id!r} is not an image")
-            continue
-        if not _is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
-            report("annotation", aid, UNKNOWN_CATEGORY,
-                   f"category_id {a.get('category_id')!r} is not in 'categories'")
-            continue
-        why = _box_problem(a.get("bbox"))
-        if why is not None:
-            report("annotation", aid, BAD_BOX, why)
-            continue
-        img = image_by_id[image_id]
-        segm, invalid, partly = _segmentation(a.get("segmentation"), img)
-        if invalid is not None:
-            report("annotation", aid, INVALID_SEGMENTATION, invalid)
-            continue
+    def categories(self):
+        """An integer id and a name each (detectron2 sorts the ids and reads the names)."""
+        categories, cat_ids = [], set()
+        for i, c in enumerate(self.data.get("categories") or []):
+            if not isinstance(c, dict) or not _is_int(c.get("id")) \
+                    or not isinstance(c.get("name"), str):
+                what = (f"not an object: {type(c).__name__}" if not isinstance(c, dict) else
+                        f"needs an integer id and a name, got id {c.get('id')!r}, "
+                        f"name {c.get('name')!r}")
+                self.report("category", _ident(c, i), MALFORMED_CATEGORY, what)
+            elif c["id"] in cat_ids:
+                self.report("category", c["id"], DUPLICATE_CATEGORY_ID,
+                            f"{c.get('name')!r} dropped; the first category with this id is "
+                            f"kept")
+            else:
+                cat_ids.add(c["id"])
+                categories.append(c)
+        return categories, cat_ids
+
+    def images(self, per_image):
+        """The usable images, by id, and the ids of dropped ones (whose annotations go with
+        them, told with the image: `per_image` counts them)."""
+        images, image_by_id, dropped_image_ids = [], {}, set()
+        for i, img in enumerate(self.data.get("images") or []):
+            why = _image_problem(img)
+            if why is not None:
+                hashable = isinstance(img, dict) and _hashable(img.get("id"))
+                n = per_image.get(img.get("id"), 0) if hashable else 0
+                if hashable and img.get("id") not in image_by_id:
+                    dropped_image_ids.add(img.get("id"))
+                self.report("image", _ident(img, i), MALFORMED_IMAGE,
+                            f"{why}; dropped with its {n} annotation(s)" if n else why)
+            elif img["id"] in image_by_id:
+                self.report("image", img["id"], DUPLICATE_IMAGE_ID,
+                            f"{img.get('file_name')!r} dropped; the first image with this id "
+                            f"({image_by_id[img['id']].get('file_name')!r}) is kept")
+            else:
+                image_by_id[img["id"]] = img
+                images.append(img)
+        return images, image_by_id, dropped_image_ids - set(image_by_id)
+
+    def annotations(self, raw_anns, image_by_id, dropped_image_ids, cat_ids):
+        """The usable annotations (mended where they can be) and their positions in the
+        input."""
+        annotations, positions = [], []
+        for i, a in enumerate(raw_anns):
+            aid = _ident(a, i) if not isinstance(a, dict) or not _is_int(a.get("id")) \
+                else a["id"]
+            if not isinstance(a, dict):
+                self.report("annotation", aid, MALFORMED_ANNOTATION,
+                            f"not an object: {type(a).__name__}")
+                continue
+            image_id = a.get("image_id")
+            if _hashable(image_id) and image_id in dropped_image_ids:
+                continue  # told with the image
+            if not _hashable(image_id) or image_id not in image_by_id:
+                self.report("annotation", aid, UNKNOWN_IMAGE,
+                            f"image_id {image_id!r} is not an image")
+                continue
+            if not _is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
+                self.report("annotation", aid, UNKNOWN_CATEGORY,
+                            f"category_id {a.get('category_id')!r} is not in 'categories'")
+                continue
+            why = _box_problem(a.get("bbox"))
+            if why is not None:
+                self.report("annotation", aid, BAD_BOX, why)
+                continue
+            segm, invalid, partly = _segmentation(a.get("segmentation"), image_by_id[image_id])
+            if invalid is not None:
+                self.report("annotation", aid, INVALID_SEGMENTATION, invalid)
+                continue
+            mended = self._mend(a, aid, segm, partly)
+            if mended:
+                a = {k: v for k, v in a.items() if k != "ignore"}
+                a.update(mended)
+                self.changed_anns += 1
+            annotations.append(a)
+            positions.append(i)
+        return annotations, positions
+
+    def _mend(self, a, aid, segm, partly) -> dict:
+        """What a usable annotation needs changed: its polygons, ``ignore``, area, iscrowd."""
         mended = {}
         if partly is not None:
-            report("annotation", aid, INVALID_POLYGON, partly)
+            self.report("annotation", aid, INVALID_POLYGON, partly)
             mended["segmentation"] = segm
         if a.get("ignore", 0):
-            report("annotation", aid, IGNORE_FLAG,
-                   f"ignore {a['ignore']!r}: kept as iscrowd=1 (detectron2 refuses 'ignore'; "
-                   f"COCO's evaluation reads it as a crowd region)")
+            self.report("annotation", aid, IGNORE_FLAG,
+                        f"ignore {a['ignore']!r}: kept as iscrowd=1 (detectron2 refuses "
+                        f"'ignore'; COCO's evaluation reads it as a crowd region)")
             mended["iscrowd"] = 1
         missing = [k for k in ("area", "iscrowd") if k not in a and k not in mended
                    or k == "area" and not _is_number(a.get("area"))]
@@ -333,63 +353,77 @@ def clean_coco_json_changed(data: dict, source: str = ""
                 mended["area"] = float(w) * float(h)
             if "iscrowd" in missing:
                 mended["iscrowd"] = 0
-            report("annotation", aid, MISSING_AREA_OR_ISCROWD,
-                   "filled in: " + ", ".join(f"{k} {mended[k]!r}" for k in missing)
-                   + (" (the box's area)" if "area" in missing else ""))
-        if mended:
-            a = {k: v for k, v in a.items() if k != "ignore"}
-            a.update(mended)
-            changed_anns += 1
-        annotations.append(a)
-        positions.append(i)
+            self.report("annotation", aid, MISSING_AREA_OR_ISCROWD,
+                        "filled in: " + ", ".join(f"{k} {mended[k]!r}" for k in missing)
+                        + (" (the box's area)" if "area" in missing else ""))
+        return mended
 
-    # Annotation ids: unique integers (pycocotools indexes by id, detectron2 asserts).
-    # Fresh ids are above every id of the input, dropped entries' included (no confusion).
-    taken = {a["id"] for a in raw_anns if isinstance(a, dict) and _is_int(a.get("id"))}
-    next_id = max(taken, default=0) + 1
-    seen = set()
-    for k, a in enumerate(annotations):
-        aid = a.get("id")
-        if _is_int(aid) and aid not in seen:
-            seen.add(aid)
-            continue
-        while next_id in taken:
-            next_id += 1
-        if _is_int(aid):
-            report("annotation", aid, DUPLICATE_ANNOTATION_ID,
-                   f"id {aid} is used by an earlier annotation; this one (image {a['image_id']}) "
-                   f"is kept with the new id {next_id}")
-        else:
-            report("annotation", f"#{positions[k]}", MISSING_ANNOTATION_ID,
-                   f"id {aid!r} is not an integer; kept with the new id {next_id}")
-        annotations[k] = dict(a, id=next_id)
-        taken.add(next_id)
-        seen.add(next_id)
-        changed_anns += 1
-
-    changed = bool(problems) or changed_anns > 0
-    # Annotations without a mask among annotations with one: training keeps them (boxes; the
-    # mapper drops them when masks are trained), COCO's segm evaluation cannot rasterise them.
-    if any(a.get("segmentation") for a in annotations):
+    def renumber(self, annotations, positions, raw_anns) -> None:
+        """Unique integer annotation ids (pycocotools indexes by id, detectron2 asserts).
+        Fresh ids are above every id of the input, dropped entries' included (no confusion)."""
+        taken = {a["id"] for a in raw_anns if isinstance(a, dict) and _is_int(a.get("id"))}
+        next_id = max(taken, default=0) + 1
+        seen = set()
         for k, a in enumerate(annotations):
-            if not a.get("segmentation"):
-                report("annotation", a["id"], NO_SEGMENTATION,
-                       "other annotations have one: boxes train on it, masks do not (the "
-                       "mapper drops it); COCO's mask evaluation takes its box as its mask")
-    # Images without annotation: reported only (and they do not make the json change).
-    with_anns = {a["image_id"] for a in annotations}
-    for img in images:
-        if img["id"] not in with_anns:
-            n = per_image.get(img["id"], 0)
-            report("image", img["id"], NO_ANNOTATION,
-                   f"its {n} annotation(s) were dropped" if n else "none in the json")
+            aid = a.get("id")
+            if _is_int(aid) and aid not in seen:
+                seen.add(aid)
+                continue
+            while next_id in taken:
+                next_id += 1
+            if _is_int(aid):
+                self.report("annotation", aid, DUPLICATE_ANNOTATION_ID,
+                            f"id {aid} is used by an earlier annotation; this one (image "
+                            f"{a['image_id']}) is kept with the new id {next_id}")
+            else:
+                self.report("annotation", f"#{positions[k]}", MISSING_ANNOTATION_ID,
+                            f"id {aid!r} is not an integer; kept with the new id {next_id}")
+            annotations[k] = dict(a, id=next_id)
+            taken.add(next_id)
+            seen.add(next_id)
+            self.changed_anns += 1
+
+    def report_only(self, annotations, images, per_image) -> None:
+        """:data:`REPORTED_ONLY` reasons. Annotations without a mask among annotations with one:
+        training keeps them (boxes; the mapper drops them when masks are trained), COCO's segm
+        evaluation cannot rasterise them. Images without annotation."""
+        if any(a.get("segmentation") for a in annotations):
+            for a in annotations:
+                if not a.get("segmentation"):
+                    self.report("annotation", a["id"], NO_SEGMENTATION,
+                                "other annotations have one: boxes train on it, masks do not "
+                                "(the mapper drops it); COCO's mask evaluation takes its box as "
+                                "its mask")
+        with_anns = {a["image_id"] for a in annotations}
+        for img in images:
+            if img["id"] not in with_anns:
+                n = per_image.get(img["id"], 0)
+                self.report("image", img["id"], NO_ANNOTATION,
+                            f"its {n} annotation(s) were dropped" if n else "none in the json")
+
+
+def clean_coco_json_changed(data: dict, source: str = ""
+                            ) -> Tuple[dict, List[JsonProblem], bool]:
+    """:func:`clean_coco_json` and whether the cleaned json differs from `data` (an entry was
+    dropped, renumbered or mended: a reason not in :data:`REPORTED_ONLY`)."""
+    run = _Cleaning(data, source)
+    categories, cat_ids = run.categories()
+    raw_anns = data.get("annotations") or []
+    per_image = collections.Counter(a.get("image_id") for a in raw_anns
+                                    if isinstance(a, dict) and isinstance(a.get("image_id"),
+                                                                          (int, str)))
+    images, image_by_id, dropped_image_ids = run.images(per_image)
+    annotations, positions = run.annotations(raw_anns, image_by_id, dropped_image_ids, cat_ids)
+    run.renumber(annotations, positions, raw_anns)
+    changed = bool(run.problems) or run.changed_anns > 0
+    run.report_only(annotations, images, per_image)  # (these do not make the json change)
 
     cleaned = {k: v for k, v in data.items()
                if k not in ("images", "annotations", "categories")}
     cleaned.update(images=images, annotations=annotations, categories=categories)
     if "annotations" not in data and not annotations:
         del cleaned["annotations"]
-    return cleaned, problems, changed
+    return cleaned, run.problems, changed
 
 
 def for_evaluation(cleaned: dict) -> Optional[dict]:
