@@ -16,10 +16,11 @@ problems before a run.
 """
 import collections
 import json
-import math
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from revvit_d2.data.coco_entries import (box_problem, hashable, image_problem, is_int, is_number,
+                                         segmentation_problem)
 from revvit_d2.utils.errors import UserError
 
 __all__ = [
@@ -110,99 +111,6 @@ def read_coco_json(path) -> dict:
     return data
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _positive_whole(x) -> bool:
-    return _is_number(x) and x > 0 and float(x).is_integer()
-
-
-def _image_problem(img) -> Optional[str]:
-    if not isinstance(img, dict):
-        return f"not an object: {type(img).__name__}"
-    if not isinstance(img.get("id"), (int, str)) or isinstance(img.get("id"), bool):
-        return f"no integer id (id {img.get('id')!r})"
-    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-        return f"no file_name ({img.get('file_name')!r})"
-    bad = [f"{k} {img.get(k)!r}" for k in ("width", "height") if not _positive_whole(img.get(k))]
-    if bad:
-        return f"width and height must be positive integers: {', '.join(bad)}"
-    return None
-
-
-def _box_problem(bbox) -> Optional[str]:
-    if bbox is None:
-        return "no bbox"
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return f"bbox must be [x, y, width, height], got {bbox!r}"[:200]
-    if not _is_polygon(list(bbox)) or any(isinstance(v, bool) for v in bbox):
-        return f"bbox values must be finite numbers, got {bbox!r}"[:200]
-    if bbox[2] <= 0 or bbox[3] <= 0:
-        return f"empty box: width {bbox[2]}, height {bbox[3]}"
-    return None
-
-
-def _is_polygon(p) -> bool:
-    """A list of finite numbers (``sum`` runs in C: a COCO train json has 40M coordinates;
-    anything but numbers raises, a NaN or an infinity gives a non-finite sum)."""
-    if not isinstance(p, list):
-        return False
-    try:
-        return math.isfinite(sum(p))
-    except TypeError:
-        return False
-
-
-def _valid_polygon(p) -> bool:  # detectron2's load_coco_json test, on a list of numbers
-    return len(p) % 2 == 0 and len(p) >= 6
-
-
-def _segmentation(segm, img: dict) -> Tuple[Any, Optional[str], Optional[str]]:
-    """``(segmentation to keep, invalid-segmentation detail, invalid-polygon detail)``.
-
-    Follows detectron2's ``load_coco_json``: a falsy segmentation (``[]``, missing) is no
-    segmentation (the annotation is kept: boxes only); a polygon list without any polygon of
-    >= 3 points (even length >= 6) drops the instance; shorter polygons next to valid ones are
-    removed. What would crash it or pycocotools (a flat list of numbers, polygons that are not
-    lists of numbers, an RLE without ``counts`` / ``size`` or of another size than the image)
-    drops the annotation too: the mapper's mask code and COCO's segm evaluation cannot use it.
-    """
-    if not segm:
-        return segm, None, None
-    if isinstance(segm, dict):
-        size, counts = segm.get("size"), segm.get("counts")
-        if not isinstance(counts, (str, list)) or not (isinstance(size, (list, tuple))
-                                                       and len(size) == 2):
-            return segm, f"RLE needs 'counts' and 'size' [height, width], got keys " \
-                         f"{sorted(segm)}", None
-        if [size[0], size[1]] != [img["height"], img["width"]]:
-            return segm, (f"RLE size {list(size)} is not the image's [height, width] "
-                          f"[{img['height']}, {img['width']}]"), None
-        return segm, None, None
-    if not isinstance(segm, list):
-        return segm, f"not a polygon list or an RLE object: {type(segm).__name__}", None
-    if not all([_is_polygon(p) for p in segm]):
-        if not all(isinstance(p, list) for p in segm):
-            hint = (" (a flat list of numbers? COCO polygons are [[x1, y1, x2, y2, ...], ...])"
-                    if all(_is_number(v) for v in segm) else "")
-            return segm, f"polygons must be lists of numbers{hint}", None
-        return segm, "a polygon holds something other than finite numbers", None
-    valid = [p for p in segm if _valid_polygon(p)]
-    if not valid:
-        lengths = ", ".join(str(len(p)) for p in segm[:5])
-        return segm, (f"no polygon with 3 or more points (numbers per polygon: {lengths}); "
-                      f"detectron2's loader drops such an instance"), None
-    if len(valid) < len(segm):
-        return valid, None, (f"{len(segm) - len(valid)} of {len(segm)} polygons with fewer than 3 "
-                             f"points or an odd length removed (as detectron2's loader does)")
-    return segm, None, None
-
-
 def clean_coco_json(data: dict, source: str = "") -> Tuple[dict, List[JsonProblem]]:
     """The entries of a parsed COCO json that detectron2 or pycocotools cannot use, removed or
     mended; and one :class:`JsonProblem` per such entry.
@@ -258,7 +166,7 @@ class _Cleaning:
         """An integer id and a name each (detectron2 sorts the ids and reads the names)."""
         categories, cat_ids = [], set()
         for i, c in enumerate(self.data.get("categories") or []):
-            if not isinstance(c, dict) or not _is_int(c.get("id")) \
+            if not isinstance(c, dict) or not is_int(c.get("id")) \
                     or not isinstance(c.get("name"), str):
                 what = (f"not an object: {type(c).__name__}" if not isinstance(c, dict) else
                         f"needs an integer id and a name, got id {c.get('id')!r}, "
@@ -278,11 +186,11 @@ class _Cleaning:
         them, told with the image: `per_image` counts them)."""
         images, image_by_id, dropped_image_ids = [], {}, set()
         for i, img in enumerate(self.data.get("images") or []):
-            why = _image_problem(img)
+            why = image_problem(img)
             if why is not None:
-                hashable = isinstance(img, dict) and _hashable(img.get("id"))
-                n = per_image.get(img.get("id"), 0) if hashable else 0
-                if hashable and img.get("id") not in image_by_id:
+                has_id = isinstance(img, dict) and hashable(img.get("id"))
+                n = per_image.get(img.get("id"), 0) if has_id else 0
+                if has_id and img.get("id") not in image_by_id:
                     dropped_image_ids.add(img.get("id"))
                 self.report("image", _ident(img, i), MALFORMED_IMAGE,
                             f"{why}; dropped with its {n} annotation(s)" if n else why)
@@ -300,28 +208,28 @@ class _Cleaning:
         input."""
         annotations, positions = [], []
         for i, a in enumerate(raw_anns):
-            aid = _ident(a, i) if not isinstance(a, dict) or not _is_int(a.get("id")) \
+            aid = _ident(a, i) if not isinstance(a, dict) or not is_int(a.get("id")) \
                 else a["id"]
             if not isinstance(a, dict):
                 self.report("annotation", aid, MALFORMED_ANNOTATION,
                             f"not an object: {type(a).__name__}")
                 continue
             image_id = a.get("image_id")
-            if _hashable(image_id) and image_id in dropped_image_ids:
+            if hashable(image_id) and image_id in dropped_image_ids:
                 continue  # told with the image
-            if not _hashable(image_id) or image_id not in image_by_id:
+            if not hashable(image_id) or image_id not in image_by_id:
                 self.report("annotation", aid, UNKNOWN_IMAGE,
                             f"image_id {image_id!r} is not an image")
                 continue
-            if not _is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
+            if not is_int(a.get("category_id")) or a["category_id"] not in cat_ids:
                 self.report("annotation", aid, UNKNOWN_CATEGORY,
                             f"category_id {a.get('category_id')!r} is not in 'categories'")
                 continue
-            why = _box_problem(a.get("bbox"))
+            why = box_problem(a.get("bbox"))
             if why is not None:
                 self.report("annotation", aid, BAD_BOX, why)
                 continue
-            segm, invalid, partly = _segmentation(a.get("segmentation"), image_by_id[image_id])
+            segm, invalid, partly = segmentation_problem(a.get("segmentation"), image_by_id[image_id])
             if invalid is not None:
                 self.report("annotation", aid, INVALID_SEGMENTATION, invalid)
                 continue
@@ -346,7 +254,7 @@ class _Cleaning:
                         f"'ignore'; COCO's evaluation reads it as a crowd region)")
             mended["iscrowd"] = 1
         missing = [k for k in ("area", "iscrowd") if k not in a and k not in mended
-                   or k == "area" and not _is_number(a.get("area"))]
+                   or k == "area" and not is_number(a.get("area"))]
         if missing:
             w, h = a["bbox"][2], a["bbox"][3]
             if "area" in missing:
@@ -361,17 +269,17 @@ class _Cleaning:
     def renumber(self, annotations, positions, raw_anns) -> None:
         """Unique integer annotation ids (pycocotools indexes by id, detectron2 asserts).
         Fresh ids are above every id of the input, dropped entries' included (no confusion)."""
-        taken = {a["id"] for a in raw_anns if isinstance(a, dict) and _is_int(a.get("id"))}
+        taken = {a["id"] for a in raw_anns if isinstance(a, dict) and is_int(a.get("id"))}
         next_id = max(taken, default=0) + 1
         seen = set()
         for k, a in enumerate(annotations):
             aid = a.get("id")
-            if _is_int(aid) and aid not in seen:
+            if is_int(aid) and aid not in seen:
                 seen.add(aid)
                 continue
             while next_id in taken:
                 next_id += 1
-            if _is_int(aid):
+            if is_int(aid):
                 self.report("annotation", aid, DUPLICATE_ANNOTATION_ID,
                             f"id {aid} is used by an earlier annotation; this one (image "
                             f"{a['image_id']}) is kept with the new id {next_id}")
@@ -447,10 +355,6 @@ def for_evaluation(cleaned: dict) -> Optional[dict]:
 def _box_polygon(bbox) -> List[float]:
     x, y, w, h = (float(v) for v in bbox)
     return [x, y, x + w, y, x + w, y + h, x, y + h]
-
-
-def _hashable(x) -> bool:
-    return isinstance(x, (int, str)) and not isinstance(x, bool)
 
 
 def problem_counts(problems: List[JsonProblem]) -> Dict[str, int]:
