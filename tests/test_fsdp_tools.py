@@ -7,14 +7,11 @@ the model loaders read; settings that do not apply are one error line.
 Every run is on the CPU with gloo processes (``train.device=cpu``), as in tests/test_resume.py,
 whose exact comparisons this file repeats for the sharded runs.
 """
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from _runs import kill_when, metrics_losses, start_tool  # noqa: E402
 from revvit_d2.utils.io import UnsafeCheckpointError, read_checkpoint  # noqa: E402
 from revvit_d2.utils.sharded_checkpoint import (is_sharded_checkpoint,  # noqa: E402
                                                 read_sharded_tensors)
@@ -44,9 +42,7 @@ VIDEO = ["model.drop_path_rate=0.2", "train.device=cpu", "train.fsdp.enabled=Tru
 
 
 def _start(tool, args, cwd=ROOT):
-    return subprocess.Popen([sys.executable, str(tool), *map(str, args)], cwd=str(cwd), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return start_tool(tool, args, cwd, ENV)
 
 
 def _finish(proc, timeout=600, status=0):
@@ -64,32 +60,10 @@ def _last_iteration(out_dir: Path) -> int:
 def _run_and_kill(tool, args, out_dir: Path, after: int, timeout=600):
     """Start a run and SIGKILL it (and its workers) once its last checkpoint is at iteration
     `after` or later."""
-    proc = _start(tool, args)
-    deadline = time.monotonic() + timeout
-    while _last_iteration(out_dir) < after:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed:\n{proc.stdout.read()[-4000:]}")
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the other processes and loader workers
-    except ProcessLookupError:
-        pass
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-    return _last_iteration(out_dir)
+    return kill_when(_start(tool, args), lambda: _last_iteration(out_dir), after, timeout)
 
 
-def _losses(out_dir: Path):
-    rows = {}
-    for line in (out_dir / "metrics.json").read_text().splitlines():
-        row = json.loads(line)
-        losses = {k: v for k, v in row.items() if k.startswith("loss") or k == "total_loss"}
-        if losses:
-            rows[row["iteration"]] = losses
-    return rows
+_losses = metrics_losses
 
 
 def _assert_same_tensors(a, b):

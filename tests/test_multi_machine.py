@@ -14,7 +14,6 @@
 
 The light launches use tests/_launch_worker.py (the tools' parser and launch, no model).
 """
-import json
 import os
 import re
 import socket
@@ -28,6 +27,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from _runs import metrics_losses  # noqa: E402
 from revvit_d2.training.launch import (  # noqa: E402
     LaunchError,
     LaunchPlan,
@@ -336,10 +336,7 @@ DETECTION = ["model.backbone.net.depth=2", "model.roi_heads.batch_size_per_image
              "train.checkpointer.period=2", "train.seed=5", "train.device=cpu"]
 
 
-def _losses(out_dir: Path):
-    rows = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
-    return {row["iteration"]: {k: v for k, v in row.items() if k.startswith("loss")
-                               or k == "total_loss"} for row in rows if "total_loss" in row}
+_losses = metrics_losses
 
 
 def _two_machines(tool, out_dir: Path, args, cwd=ROOT):

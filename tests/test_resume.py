@@ -8,7 +8,6 @@ checkpoint; data order, augmentations and drop-path masks from the seed and the 
 Every run says ``train.device=cpu``, so that a machine with GPUs runs the same CPU processes
 (gloo), not CUDA kernels whose sums may change from run to run.
 """
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from _runs import kill_when, metrics_losses, start_tool
 from revvit_d2.utils.io import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +40,7 @@ DETECTION = ["model.backbone.net.depth=2", "model.backbone.net.drop_path_rate=0.
              "train.deterministic=True", "train.device=cpu"]
 
 def _start(tool, args, cwd):
-    return subprocess.Popen([sys.executable, str(tool), *map(str, args)], cwd=str(cwd), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return start_tool(tool, args, cwd, ENV)
 
 
 def _finish(proc, timeout=600):
@@ -60,34 +58,10 @@ def _last_iteration(out_dir: Path) -> int:
 def _run_and_kill(tool, args, out_dir: Path, cwd, after: int, timeout=600):
     """Start a run and SIGKILL it (and its data-loader workers) once its last checkpoint is at
     iteration `after` or later."""
-    proc = _start(tool, args, cwd)
-    deadline = time.monotonic() + timeout
-    while _last_iteration(out_dir) < after:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed:\n{proc.stdout.read()[-4000:]}")
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned workers of the killed process
-    except ProcessLookupError:
-        pass
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
-    return _last_iteration(out_dir)
+    return kill_when(_start(tool, args, cwd), lambda: _last_iteration(out_dir), after, timeout)
 
 
-def _losses(out_dir: Path):
-    """{iteration: {loss name: value}} from metrics.json; a later line for the same iteration
-    (written again after a resume) replaces the earlier one."""
-    rows = {}
-    for line in (out_dir / "metrics.json").read_text().splitlines():
-        row = json.loads(line)
-        losses = {k: v for k, v in row.items() if k.startswith("loss") or k == "total_loss"}
-        if losses:
-            rows[row["iteration"]] = losses
-    return rows
+_losses = metrics_losses
 
 
 def _assert_resumed_like_uninterrupted(full: Path, resumed: Path, killed_at: int, max_iter: int):
