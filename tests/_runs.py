@@ -52,3 +52,12 @@ def metrics_losses(out_dir: Path) -> Dict[int, Dict[str, float]]:
         if losses:
             rows[row["iteration"]] = losses
     return rows
+
+
+def assert_losses_repeat(full: Path, resumed: Path, killed_at: int, max_iter: int) -> None:
+    """The resumed run logged the uninterrupted run's losses at every iteration after the kill."""
+    a, b = metrics_losses(full), metrics_losses(resumed)
+    after = list(range(killed_at + 1, max_iter))
+    assert after and all(i in a and i in b for i in after), (sorted(a), sorted(b))
+    for i in after:
+        assert b[i] == a[i], f"iteration {i}: resumed {b[i]} vs uninterrupted {a[i]}"

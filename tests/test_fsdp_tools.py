@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from _runs import kill_when, metrics_losses, start_tool  # noqa: E402
+from _runs import assert_losses_repeat, kill_when, metrics_losses, start_tool  # noqa: E402
 from revvit_d2.utils.io import UnsafeCheckpointError, read_checkpoint  # noqa: E402
 from revvit_d2.utils.sharded_checkpoint import (is_sharded_checkpoint,  # noqa: E402
                                                 read_sharded_tensors)
@@ -73,11 +73,7 @@ def _assert_same_tensors(a, b):
 
 
 def _assert_resumed_like_uninterrupted(full: Path, resumed: Path, killed_at: int, max_iter: int):
-    a, b = _losses(full), _losses(resumed)
-    after = list(range(killed_at + 1, max_iter))
-    assert after and all(i in a and i in b for i in after), (sorted(a), sorted(b))
-    for i in after:
-        assert b[i] == a[i], f"iteration {i}: resumed {b[i]} vs uninterrupted {a[i]}"
+    assert_losses_repeat(full, resumed, killed_at, max_iter)
     for prefix in ("model.", "optimizer."):
         _assert_same_tensors(read_sharded_tensors(full / "model_final", prefix),
                              read_sharded_tensors(resumed / "model_final", prefix))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from _runs import kill_when, metrics_losses, start_tool
+from _runs import assert_losses_repeat, kill_when, start_tool
 from revvit_d2.utils.io import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,15 +61,8 @@ def _run_and_kill(tool, args, out_dir: Path, cwd, after: int, timeout=600):
     return kill_when(_start(tool, args, cwd), lambda: _last_iteration(out_dir), after, timeout)
 
 
-_losses = metrics_losses
-
-
 def _assert_resumed_like_uninterrupted(full: Path, resumed: Path, killed_at: int, max_iter: int):
-    a, b = _losses(full), _losses(resumed)
-    after = list(range(killed_at + 1, max_iter))
-    assert after and all(i in a and i in b for i in after), (sorted(a), sorted(b))
-    for i in after:
-        assert b[i] == a[i], f"iteration {i}: resumed {b[i]} vs uninterrupted {a[i]}"
+    assert_losses_repeat(full, resumed, killed_at, max_iter)
     final_a = read_checkpoint(full / "model_final.pth")  # data only (docs/security.md)
     final_b = read_checkpoint(resumed / "model_final.pth")
     assert final_a["model"].keys() == final_b["model"].keys()
