@@ -6,8 +6,12 @@ run whose processes print their rank once they have joined.
 
 The options are the tools' (revvit_d2.training.tool_parser), the launch is theirs
 (launch_guarded with CPU processes), without a model: what is tested is the join alone.
+With REVVIT_TEST_HOLD=FILE in the environment the joined processes stay (the run, and machine
+0's rendezvous, stay up) until FILE exists, for at most 300 s.
 """
+import os
 import sys
+import time
 
 from revvit_d2.utils.errors import quiet_import_warnings
 
@@ -21,6 +25,10 @@ def joined(args):
 
     print(f"joined rank {comm.get_rank()} of {comm.get_world_size()} local "
           f"{comm.get_local_rank()} of {comm.get_local_size()}", flush=True)
+    hold = os.environ.get("REVVIT_TEST_HOLD")
+    deadline = time.monotonic() + 300
+    while hold and not os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.2)
     comm.synchronize()
 
 

@@ -185,9 +185,9 @@ def _finish(proc, timeout=900):
         time.monotonic() - proc.started
 
 
-def _machine(rank, machines, url, *extra, timeout=JOIN, script=WORKER):
+def _machine(rank, machines, url, *extra, timeout=JOIN, script=WORKER, env=None):
     return _start(script, ["--num-machines", machines, "--machine-rank", rank, "--dist-url", url,
-                           "--dist-timeout", timeout, *extra])
+                           "--dist-timeout", timeout, *extra], env=env)
 
 
 def _assert_one_error(proc, pattern, bound=JOIN + STARTUP):
@@ -283,16 +283,25 @@ def test_launches_that_disagree(flag, values, pattern):
 
 
 @pytest.mark.slow
-def test_a_machine_rank_taken_twice():
+def test_a_machine_rank_taken_twice(tmp_path):
+    """Two launches say --machine-rank 1: the second to reach machine 0 ends with the error;
+    the first and machine 0 make the run, which stays up (REVVIT_TEST_HOLD) until the error
+    is seen, so that the late launch always finds the rendezvous."""
     url = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [_machine(0, 2, url, timeout=60)]
-    time.sleep(1)
-    procs += [_machine(1, 2, url, timeout=60)]
-    time.sleep(1)
-    late = _machine(1, 2, url, timeout=60)
-    _assert_one_error(late, r"machine rank 1 joined twice at tcp://127\.0\.0\.1:\d+: give each "
-                            r"launch its own --machine-rank \(0 to 1\)", bound=60 + STARTUP)
-    for proc in procs:  # the first two make the run
+    hold = tmp_path / "release"
+    env = dict(ENV, REVVIT_TEST_HOLD=str(hold))
+    first = _machine(0, 2, url, timeout=60, env=env)
+    twins = [_machine(1, 2, url, timeout=60, env=env) for _ in range(2)]
+    deadline = time.monotonic() + 60 + STARTUP
+    while all(t.poll() is None for t in twins) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    late = [t for t in twins if t.poll() is not None]
+    hold.touch()
+    assert late, "neither launch of machine rank 1 ended"
+    _assert_one_error(late[0], r"machine rank 1 joined twice at tcp://127\.0\.0\.1:\d+: give "
+                               r"each launch its own --machine-rank \(0 to 1\)",
+                      bound=60 + STARTUP)
+    for proc in [first] + [t for t in twins if t is not late[0]]:  # these two make the run
         code, out, err, _ = _finish(proc)
         assert code == 0, err
 
