@@ -10,11 +10,26 @@ from torch import nn
 
 from .checkpoint import detect_format, load_pretrained
 from .modeling.rev_vit import RevViT
-from .modeling.variants import build_model
+from .modeling.variants import build_model, get_pretrained_cfg
 from .utils.io import read_checkpoint
 from .vit_import import DEFAULT_DR2NET_BETA, PLAIN_VIT_FORMATS, apply_rewiring, rewire_kwargs
 
-__all__ = ["create_model", "plain_vit_to_rev_vit"]
+__all__ = ["create_model", "plain_vit_to_rev_vit", "check_pretrained_request"]
+
+
+def check_pretrained_request(name: str, pretrained, checkpoint) -> None:
+    """The hub convention ``pretrained=True`` (timm, pytorchvideo, torch.hub) means "download
+    the official weights", which is impossible here: it needs ``checkpoint=<local file>``.
+    Raises ``TypeError`` for a path given as `pretrained` and ``ValueError`` for ``pretrained``
+    without a checkpoint, naming the official file of variant `name`."""
+    if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
+        raise TypeError(f"{name}: pass the checkpoint path as checkpoint=, not pretrained=")
+    if pretrained and checkpoint is None:
+        file = get_pretrained_cfg(name).get("checkpoint")
+        raise ValueError(
+            f"{name}(pretrained=True): weights cannot be downloaded in this environment; pass "
+            f"checkpoint=<path to {'the official ' + file if file else 'a checkpoint'}> "
+            f"(or pretrained=False for random weights)")
 
 
 def _read(checkpoint, allow_unsafe_pickle: bool):

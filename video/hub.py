@@ -16,7 +16,6 @@ tools/run_video.py). Loading is strict: anything missing, unexpected or mis-shap
 ``allow_unsafe_pickle=True``, which executes code from the file (only for files you trust).
 """
 import logging
-import os
 from typing import Any, Dict, Mapping
 
 import torch
@@ -29,6 +28,7 @@ from revvit_d2 import (
     load_pretrained,
 )
 from revvit_d2.checkpoint import unwrap_checkpoint
+from revvit_d2.factory import check_pretrained_request
 from revvit_d2.utils import io
 
 from .models import RevVideoNet, create_rev_mvit, video_builder_kwargs
@@ -116,14 +116,7 @@ def load_video_checkpoint(model: RevVideoNet, checkpoint, load_head: bool = True
 
 def _hub_model(name: str, pretrained: bool, checkpoint, kwargs, allow_unsafe_pickle=False):
     """``create_rev_mvit`` with the dimensions of the revvit_d2 variant `name`, then `kwargs`."""
-    if isinstance(pretrained, (str, os.PathLike)):
-        raise TypeError(f"{name}: pass the checkpoint path as checkpoint=, not pretrained=")
-    if pretrained and checkpoint is None:
-        file = get_pretrained_cfg(name).get("checkpoint")
-        raise ValueError(
-            f"{name}(pretrained=True): weights cannot be downloaded in this environment; pass "
-            f"checkpoint=<path to {'the official ' + file if file else 'a checkpoint'}> "
-            f"(or pretrained=False for random weights)")
+    check_pretrained_request(name, pretrained, checkpoint)
     cfg = dict(video_builder_kwargs(name), **kwargs)
     model = create_rev_mvit(**cfg)
     pretrained_cfg = get_pretrained_cfg(name)
