@@ -16,7 +16,7 @@ demo: setup
 	$(PY) tools/run_video.py
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # For everyday development (docs/development.md): the suite without the tests marked `slow`
 # (tool runs, training runs, benchmarks end to end). `make test` stays the full check.
