@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak_rss import command_line, machine_info  # noqa: E402
+from peak_rss import command_line, machine_info, measured_on  # noqa: E402
 
 
 def _strided_run(self, blocks, x1, x2, thw, names=None):
@@ -83,9 +83,7 @@ def run(args, argv):
     for engine, r in results.items():
         lines.append(f"| {engine} | {r['ratio_strided_over_contiguous']:.3f}x | "
                      f"{statistics.median(r['step_s']['contiguous']):.2f} |")
-    lines += ["", f"Measured on {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
-              f"{info['date']}, load average {info['load_average_1_5_15'][0]} at the end, by "
-              f"`{out['command']}`.", ""]
+    lines += ["", measured_on(info, out["command"]), ""]
     Path(args.out + ".md").write_text("\n".join(lines))
     if not args.quiet:
         print(Path(args.out + ".md").read_text())

@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from peak_rss import (MALLOC_ENV, ROOT, command_line, dispatch, machine_info, maxrss_kib,
-                      measure_in_child)
+                      measure_in_child, measured_on)
 
 # name: (config, extra overrides, description)
 VARIANTS = {
@@ -277,13 +277,9 @@ def write_markdown(path, table, ratio, info, settings, command):
     lines += ["", "Reading the table:", ""] + notes
     lines += [
         "",
-        f"Machine: {info['cpu']} ({info['cores']} cores, {info['mem_total_gib']} GiB)"
-        + (f", GPU {info['gpu']}" if gpu else "")
-        + f", Python {info['python']}, torch {info['torch']}, {info['date']}; the machine was "
-        f"shared with other jobs (1-minute load average {info['load_average_1min_at_start']} at "
-        f"the start, {info['load_average_1_5_15'][0]} at the end), which changes run times, not "
-        f"memory. Run by `{command}` in {settings['wall_seconds']:.0f} s. Raw numbers (every "
-        f"process, step times included): `{settings['json_name']}`.",
+        measured_on(info, command, settings["wall_seconds"], f"{info['mem_total_gib']} GiB",
+                    settings["json_name"], f"{info['cpu']}, GPU {info['gpu']}" if gpu else "")
+        + " Run times depend on the load, memory does not.",
         "",
         "On a GPU (the recipe's size and AMP precision):",
         "",

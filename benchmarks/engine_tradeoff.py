@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_vs_depth import measure as measure_peak  # noqa: E402
 from memory_vs_depth import parse_args as memory_args  # noqa: E402
-from peak_rss import ROOT, command_line, machine_info  # noqa: E402
+from peak_rss import ROOT, command_line, machine_info, measured_on  # noqa: E402
 
 HEADS = {64: 2, 192: 3, 384: 6, 768: 12, 1024: 16}
 NUM_CLASSES = 10
@@ -220,11 +220,8 @@ def markdown(out):
         if preset != "overhead":
             cells.append(" / ".join(f"{p:.0f}" for p in r["peak_mib"]))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), "
-              f"torch {m['torch']}, {m['date']}, by `{out['command']}` (total "
-              f"{s['wall_seconds']:.0f} s; 1-minute load average "
-              f"{m['load_average_1min_at_start']} at the start, {m['load_average_1_5_15'][0]} at "
-              f"the end).", ""]
+    lines += ["", measured_on(m, out["command"], s["wall_seconds"], f"{m['threads']} torch threads"),
+              ""]
     return "\n".join(lines)
 
 

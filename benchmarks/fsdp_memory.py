@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from peak_rss import (MALLOC_ENV, ROOT, command_line, dispatch, machine_info, maxrss_kib,
-                      measure_in_child)
+                      measure_in_child, measured_on)
 
 MIB = 2.0 ** 20
 # name -> (registered variant, overrides); the depth sweep uses "l" with depth overridden
@@ -469,13 +469,10 @@ def markdown(out):
     if s["worlds_skipped"]:
         lines.append(f"\nN = {', '.join(map(str, s['worlds_skipped']))} not measured: "
                      f"{m.get('gpus')} GPU(s), one process per GPU.")
-    mem = f", {m['mem_total_gib']} GiB" if m.get("mem_total_gib") else ""
-    lines += ["", f"Measured on {where if not cpu else m['cpu']} ({m['cores']} cores{mem}, "
-                  f"{s['threads']} torch thread(s) per process), torch {m['torch']}, {m['date']}, "
-                  f"by `{out['command']}` (total {s['wall_seconds']:.0f} s; 1-minute load "
-                  f"average {m['load_average_1min_at_start']} at the start, "
-                  f"{m['load_average_1_5_15'][0]} at the end). Raw numbers, every rank: "
-                  f"`{s['json_name']}`.", ""]
+    mem = f"{m['mem_total_gib']} GiB, " if m.get("mem_total_gib") else ""
+    lines += ["", measured_on(m, out["command"], s["wall_seconds"],
+                              f"{mem}{s['threads']} torch thread(s) per process",
+                              s["json_name"], "" if cpu else where), ""]
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 
 from peak_rss import (MALLOC_ENV, ROOT, command_line, dispatch, machine_info, maxrss_kib,
-                      measure_in_child)
+                      measure_in_child, measured_on)
 
 MODES = ("reversible", "plain", "checkpoint")
 MODE_KWARGS = {
@@ -248,12 +248,8 @@ def write_markdown(path, table, summary, modes, depths, info, settings, command)
                       f"repeats: {summary['max_repeat_spread_mib']:.2f} MiB."]
     lines += [
         "",
-        f"Measured on {info['cpu']} ({info['cores']} cores, {info['mem_total_gib']} GiB), "
-        f"Python {info['python']}, torch {info['torch']}, {info['date']}, by "
-        f"`{command}` (total {settings['wall_seconds']:.0f} s; 1-minute load average "
-        f"{info['load_average_1min_at_start']} at the start, {info['load_average_1_5_15'][0]} at "
-        f"the end: run times, not memory, depend on it). Raw numbers: "
-        f"`{settings['json_name']}`.",
+        measured_on(info, command, settings["wall_seconds"], f"{info['mem_total_gib']} GiB",
+                    settings["json_name"]) + " Run times depend on the load, memory does not.",
         "",
     ]
     Path(path).write_text("\n".join(lines))

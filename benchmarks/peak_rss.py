@@ -80,6 +80,23 @@ def machine_info() -> dict:
     )
 
 
+def measured_on(info: dict, command: str, wall_seconds=None, detail: str = "",
+                raw: str = "", machine: str = "") -> str:
+    """The footer of a benchmark report: where, with what, when, by which command, how long,
+    and how loaded the machine was (the 1-minute load average at the start, when recorded, and
+    at the end). `detail` goes inside the machine's parentheses after the cores ("2 torch
+    threads"), `raw` names the JSON with the raw numbers, `machine` replaces the CPU name (a
+    GPU's)."""
+    inside = ", ".join(x for x in (f"{info['cores']} cores", detail) if x)
+    load = [f"{info['load_average_1min_at_start']} at the start"] \
+        if info.get("load_average_1min_at_start") is not None else []
+    load.append(f"{info['load_average_1_5_15'][0]} at the end")
+    took = f"total {wall_seconds:.0f} s; " if wall_seconds is not None else ""
+    text = (f"Measured on {machine or info['cpu']} ({inside}), torch {info['torch']}, "
+            f"{info['date']}, by `{command}` ({took}1-minute load average {', '.join(load)}).")
+    return text + (f" Raw numbers: `{raw}`." if raw else "")
+
+
 def command_line(script, argv) -> str:
     """The command that reproduces this run, with the script path relative to the cwd."""
     script = Path(script).resolve()

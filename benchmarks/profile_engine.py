@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak_rss import command_line, machine_info  # noqa: E402
+from peak_rss import command_line, machine_info, measured_on  # noqa: E402
 
 
 def profile_side(model, x, y, steps):
@@ -91,8 +91,7 @@ def markdown(out, top):
     for r in out["rows"][:top]:
         lines.append(f"| `{r['op'][:70]}` | {r['plain_ms']:.1f} ({r['plain_calls']}) | "
                      f"{r['rev_ms']:.1f} ({r['rev_calls']}) | {r['rev_ms'] - r['plain_ms']:+.1f} |")
-    lines += ["", f"Measured on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
-              f"{m['date']}, by `{out['command']}`. Raw numbers: the JSON beside this file.", ""]
+    lines += ["", measured_on(m, out["command"], raw="the JSON beside this file"), ""]
     return "\n".join(lines)
 
 
