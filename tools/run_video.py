@@ -288,10 +288,11 @@ def build_training(cfg, device, seed: int, init_weights: bool = False):
             raise ToolError(str(e)) from None
     ipe = train_loader.iters_per_epoch
     max_iter = cfg.train.get("max_iter") or int(round(float(cfg.train.epochs) * ipe))
-    logger.info("training data: %d list entries, %d clips per iteration (%d per process), %d "
-                "iterations per epoch, %d iterations (%.1f epochs)", train_loader.num_videos,
-                train_loader.batch_size * comm.get_world_size(), train_loader.batch_size, ipe,
-                max_iter, max_iter / ipe)
+    logger.info("training data: %d list entries, %d clips per iteration (%d per process, %d "
+                "per video), %d iterations per epoch, %d iterations (%.1f epochs)",
+                train_loader.num_videos, train_loader.batch_size * comm.get_world_size(),
+                train_loader.batch_size, getattr(train_loader, "num_sample", 1), ipe, max_iter,
+                max_iter / ipe)
     cfg.optimizer.params.model = model
     optimizer = build(cfg.optimizer, "the optimizer")
     if sharding is None:

@@ -8,7 +8,9 @@ tools/run_video.py. Same pipeline as the official recipe (rev_mvit_b_16x4.py, wh
 file imports and adjusts): random clip + scale/aspect jitter + flip for training, uniform clips x
 centre crop with softmax averaging for testing; only sizes and the schedule are smaller, and the
 regularising pieces of the recipe (RandAugment, random erasing, repeated augmentation,
-Mixup/CutMix) are off: this 96-iteration run has nothing to regularise.
+Mixup/CutMix) are off: repeated augmentation would double the iterations of this short run, and
+the tests' small batches (2 clips over 2 processes) would not divide into 2 samples per video.
+Turn them on with the keys of rev_mvit_b_16x4.py.
 """
 import os
 
