@@ -12,7 +12,7 @@ from torchvision.transforms import Compose, RandomHorizontalFlip
 from revvit_d2.data.synthetic.kinetics import make_synthetic_kinetics
 from revvit_d2.utils.seeding import seeded_rng
 from revvit_video.augment import (ClipMixer, build_clip_mixer, check_train_augmentation,
-                                  parse_rand_augment)
+                                  mixup_args, parse_rand_augment)
 from revvit_video.data import build_kinetics_train_loader
 from revvit_video.transforms import build_train_transform, pvt
 
@@ -46,6 +46,8 @@ def test_rand_augment_strings():
     assert parse_rand_augment(OFFICIAL_RA) == dict(magnitude=7.0, num_layers=4, sampling_std=0.5)
     assert parse_rand_augment("rand-m9") == dict(magnitude=9.0, num_layers=2, sampling_std=0.0)
     assert parse_rand_augment(None) is None and parse_rand_augment("") is None
+    # `key=None` on the command line is the string "None" (detectron2's override grammar)
+    assert parse_rand_augment("None") is None and mixup_args("None") is None
     for bad in ("rand-m7-n4-mstd0.5-inc0", "rand-m7-x4", "auto-m7", "rand-m11", "rand-n0",
                 "rand-m7-n4-mstd0.5-inc1-w0"):
         with pytest.raises(ValueError) as e:
@@ -266,3 +268,14 @@ def test_tool_reports_a_bad_recipe_key_in_one_line_before_writing(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_tool_takes_none_on_the_command_line_for_a_piece_off():
+    tool = _tool()
+    args = tool.build_parser().parse_args([
+        "--config-file", "configs/Kinetics/rev_mvit_b_16x4.py",
+        "dataloader.train.rand_augment=None", "train.mixup=None", "dataloader.train.random_erasing=0", "dataloader.train.num_sample=1"])
+    cfg, _ = tool.load_config(args)
+    tool.check_recipe(cfg)  # no error
+    assert parse_rand_augment(cfg.dataloader.train.rand_augment) is None
+    assert mixup_args(cfg.train.mixup) is None

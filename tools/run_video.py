@@ -281,11 +281,15 @@ def build_training(cfg, device, seed: int, init_weights: bool = False):
         model = shard_for_training(model, sharding, device)  # before the optimizer is built
     _set_num_classes(cfg.dataloader.train, model)
     train_loader = build(cfg.dataloader.train, "the training data loader")
-    if cfg.train.get("mixup") is not None:  # soft targets; train.label_smoothing is unused
-        try:
-            train_loader.mix = build_clip_mixer(cfg.train.mixup, model_num_classes(model))
-        except ValueError as e:
-            raise ToolError(str(e)) from None
+    try:  # soft targets (train.label_smoothing is then unused); None: off
+        mixer = build_clip_mixer(cfg.train.get("mixup"), model_num_classes(model))
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    if mixer is not None:
+        if not hasattr(train_loader, "mix"):
+            raise ToolError("train.mixup needs revvit_video's training loader "
+                            "(build_kinetics_train_loader)")
+        train_loader.mix = mixer
     ipe = train_loader.iters_per_epoch
     max_iter = cfg.train.get("max_iter") or int(round(float(cfg.train.epochs) * ipe))
     logger.info("training data: %d list entries, %d clips per iteration (%d per process, %d "

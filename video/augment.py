@@ -53,11 +53,18 @@ MIXUP_KEYS = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob
 _RAND_PART = re.compile(r"^(m|n|mstd|inc)(\d+(?:\.\d+)?)$")
 
 
+def _is_off(value: Any) -> bool:
+    """None, or the text a command-line override gives for it (``key=None`` is the string
+    ``"None"`` in detectron2's override grammar; ``key=null`` is None)."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in
+                             ("", "none", "null"))
+
+
 def parse_rand_augment(spec: Optional[str]) -> Optional[Dict[str, Any]]:
     """``"rand-m7-n4-mstd0.5-inc1"`` -> ``{"magnitude": 7, "num_layers": 4, "sampling_std":
     0.5}`` (None or ``""``: None). Defaults as in timm: m 10, n 2, mstd 0. Raises ValueError for
     anything else (other keys, ``inc0``: pytorchvideo has the increasing-severity ops only)."""
-    if spec is None or str(spec).strip() == "":
+    if _is_off(spec):
         return None
     parts = str(spec).strip().split("-")
     if parts[0] != "rand":
@@ -207,7 +214,7 @@ def mixup_args(mixup: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]
     """The checked arguments of the ``train.mixup`` dict, missing keys at the official values
     (None: None). Raises ValueError for a key outside :data:`MIXUP_KEYS` or a value out of
     range."""
-    if mixup is None:
+    if _is_off(mixup):
         return None
     if not isinstance(mixup, Mapping):
         raise ValueError(f"train.mixup must be a dict of {sorted(MIXUP_KEYS)} or None, got "
