@@ -73,6 +73,11 @@ from revvit_video.data import (  # noqa: E402
     read_video_list,
     skip_counts,
 )
+from revvit_video.augment import (  # noqa: E402
+    build_clip_mixer,
+    check_train_augmentation,
+    mixup_args,
+)
 from revvit_video.engine import (  # noqa: E402
     ClipClassificationLoss,
     VideoAMPTrainer,
@@ -109,12 +114,27 @@ def _add_keys(cfg):
     add_seed_keys(cfg.train)
     add_unsafe_pickle_key(cfg.train)
     add_fsdp_keys(cfg.train)
+    if "mixup" not in cfg.train:
+        cfg.train.mixup = None  # Mixup/CutMix off (configs/Kinetics/rev_mvit_b_16x4.py)
 
 
 def load_config(args):
     return load_tool_config(args.config_file, DEFAULT_CONFIG,
                             ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
                             args.opts, REPO_ROOT, prepare=_add_keys)
+
+
+def check_recipe(cfg):
+    """The optional pieces of the training recipe (train.mixup, dataloader.train.rand_augment /
+    random_erasing / num_sample): a value that cannot be used is one error line."""
+    try:
+        mixup_args(cfg.train.get("mixup"))
+        node = cfg.dataloader.get("train")
+        if node is not None and node.get("_target_") is build_kinetics_train_loader:
+            check_train_augmentation(node.get("rand_augment"), node.get("random_erasing", 0.0),
+                                     node.get("num_sample", 1))
+    except ValueError as e:
+        raise ToolError(str(e)) from None
 
 
 def prepare_data(cfg, eval_only: bool):
@@ -261,12 +281,22 @@ def build_training(cfg, device, seed: int, init_weights: bool = False):
         model = shard_for_training(model, sharding, device)  # before the optimizer is built
     _set_num_classes(cfg.dataloader.train, model)
     train_loader = build(cfg.dataloader.train, "the training data loader")
+    try:  # soft targets (train.label_smoothing is then unused); None: off
+        mixer = build_clip_mixer(cfg.train.get("mixup"), model_num_classes(model))
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    if mixer is not None:
+        if not hasattr(train_loader, "mix"):
+            raise ToolError("train.mixup needs revvit_video's training loader "
+                            "(build_kinetics_train_loader)")
+        train_loader.mix = mixer
     ipe = train_loader.iters_per_epoch
     max_iter = cfg.train.get("max_iter") or int(round(float(cfg.train.epochs) * ipe))
-    logger.info("training data: %d list entries, %d clips per iteration (%d per process), %d "
-                "iterations per epoch, %d iterations (%.1f epochs)", train_loader.num_videos,
-                train_loader.batch_size * comm.get_world_size(), train_loader.batch_size, ipe,
-                max_iter, max_iter / ipe)
+    logger.info("training data: %d list entries, %d clips per iteration (%d per process, %d "
+                "per video), %d iterations per epoch, %d iterations (%.1f epochs)",
+                train_loader.num_videos, train_loader.batch_size * comm.get_world_size(),
+                train_loader.batch_size, getattr(train_loader, "num_sample", 1), ipe, max_iter,
+                max_iter / ipe)
     cfg.optimizer.params.model = model
     optimizer = build(cfg.optimizer, "the optimizer")
     if sharding is None:
@@ -355,6 +385,8 @@ def check_inputs(args):
         raise ToolError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     cfg, args.config_file = load_config(args)
     fsdp_settings(cfg.train, amp_dtype(cfg))  # a setting that does not apply: one line, here
+    if not args.eval_only:
+        check_recipe(cfg)
     prepare_data(cfg, args.eval_only)
     check_start_checkpoint(cfg.train.output_dir, cfg.train.get("init_checkpoint"), args.resume)
     return str(cfg.train.get("device", "auto"))

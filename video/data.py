@@ -17,6 +17,11 @@ always run the same number of steps whatever is skipped. Each epoch reshuffles t
 (``DistributedSampler(seed=...).set_epoch(epoch)``, also in a single process); if unreadable
 videos make the order run out, it is restarted to fill the epoch.
 
+Recipe (:mod:`revvit_video.augment`, each optional): RandAugment, random erasing, repeated
+augmentation (``num_sample`` clips per decoded video, adjacent in the batch: ``total_batch_size
+/ num_sample`` videos per batch) and Mixup/CutMix (:attr:`VideoTrainLoader.mix`, seeded by the
+batch's place in the stream; labels become ``(B, K)`` soft targets).
+
 Resume. :class:`VideoTrainLoader` batches the samples of a
 :class:`~revvit_video.datasets.TrainClipDataset` (keyed by ``(epoch, position)``, seeded per
 key) in the training process and records after each batch where it is (``state_dict``:
@@ -49,7 +54,9 @@ import torch
 from pytorchvideo.data import make_clip_sampler
 from torch.utils.data import DataLoader, Sampler
 
-from revvit_d2.utils.seeding import derive_seed
+from revvit_d2.utils.seeding import derive_seed, seeded_rng
+
+from .augment import RepeatedAugmentation, check_train_augmentation, flatten_repeated
 
 from .datasets import __all__ as _DATASET_NAMES
 from .datasets import (SKIP_REASONS, ShardSampler, SkipCountingVideoDataset,  # noqa: F401
@@ -177,12 +184,23 @@ class VideoTrainLoader:
     where the last batch ended; after :meth:`load_state_dict` of that state, a loader started
     at the next iteration continues exactly there (without it, a start inside an epoch assumes
     that no video of the epoch was skipped before it).
+
+    A batch holds ``batch_size`` clips of ``batch_size / num_sample`` videos (``num_sample`` > 1:
+    the dataset's transform is a :class:`RepeatedAugmentation`). :attr:`mix` (a
+    :class:`~revvit_video.augment.ClipMixer` or None) maps each batch's clips and labels.
     """
 
     def __init__(self, dataset: TrainClipDataset, batch_size: int, num_workers: int,
-                 iters_per_epoch: int, pin_memory: bool = False):
+                 iters_per_epoch: int, pin_memory: bool = False, num_sample: int = 1,
+                 mix: Optional[Any] = None):
         self.dataset = dataset
         self.batch_size = int(batch_size)
+        self.num_sample = int(num_sample)
+        if self.batch_size % self.num_sample:
+            raise ValueError(f"{self.batch_size} clips per batch are not a multiple of "
+                             f"num_sample {self.num_sample}")
+        self.videos_per_batch = self.batch_size // self.num_sample
+        self.mix = mix
         self.iters_per_epoch = max(1, int(iters_per_epoch))
         self.num_workers = max(0, int(num_workers))
         self.pin_memory = bool(pin_memory)
@@ -207,7 +225,7 @@ class VideoTrainLoader:
 
     def _start(self):
         epoch, done = divmod(int(self.start_iter), self.iters_per_epoch)
-        position = done * self.batch_size
+        position = done * self.videos_per_batch
         saved = self._resume
         if done and saved.get("iteration") == self.start_iter - 1 and saved.get("epoch") == epoch:
             position = int(saved["position"])
@@ -245,9 +263,14 @@ class VideoTrainLoader:
                     continue
                 misses = 0
                 pending.append(sample)
-                if len(pending) < self.batch_size:
+                if len(pending) < self.videos_per_batch:
                     continue
-                batch, pending = collate_video_batch(pending), []
+                batch = flatten_repeated(collate_video_batch(pending), self.num_sample)
+                pending = []
+                if self.mix is not None:
+                    with seeded_rng(derive_seed(self.dataset.seed, self.dataset.rank, epoch,
+                                                position, 1)):
+                        batch["video"], batch["label"] = self.mix(batch["video"], batch["label"])
                 if self.pin_memory:
                     batch["video"], batch["label"] = (batch["video"].pin_memory(),
                                                       batch["label"].pin_memory())
@@ -319,8 +342,11 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
                                 total_batch_size: int = 64, num_workers: int = 8,
                                 seed: int = 0, video_path_prefix: Optional[str] = None,
                                 pin_memory: Optional[bool] = None,
-                                num_classes: Optional[int] = None) -> VideoTrainLoader:
-    """Training loader of the official recipe (random clip, scale/aspect jitter, flip).
+                                num_classes: Optional[int] = None,
+                                rand_augment: Optional[str] = None, random_erasing: float = 0.0,
+                                num_sample: int = 1) -> VideoTrainLoader:
+    """Training loader of the official recipe (random clip, scale/aspect jitter, flip; optional
+    RandAugment, random erasing, repeated augmentation; Mixup/CutMix: :attr:`VideoTrainLoader.mix`).
 
     Args:
         data_path: Kinetics list file (``<path> <label>`` lines) or class-folder directory.
@@ -328,7 +354,8 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
             ``target_fps`` (seconds = ``16 * 4 / 30``), subsampled to ``num_frames``.
         crop_size, jitter_scales_relative, jitter_aspect_relative, hflip_prob, mean, std: see
             :func:`revvit_video.transforms.build_train_transform`.
-        total_batch_size: clips per iteration over all processes (divisible by the world size).
+        total_batch_size: clips per iteration over all processes (divisible by the world size
+            times `num_sample`).
         num_workers: DataLoader worker processes per process.
         seed: seed of the per-epoch shuffling (``DistributedSampler(seed=...)``) and of the
             clip times and augmentations (see :class:`TrainClipDataset`).
@@ -336,25 +363,34 @@ def build_kinetics_train_loader(data_path: str, *, num_frames: int = 16, samplin
         pin_memory: default: when CUDA is available.
         num_classes: list lines with a label outside ``[0, num_classes)`` are skipped
             (tools/run_video.py sets it from the model).
+        rand_augment: RandAugment string (``"rand-m7-n4-mstd0.5-inc1"``) or None (off).
+        random_erasing: probability of erasing a box of each clip (0: off).
+        num_sample: augmented clips per decoded video (1: off; official 2).
     """
+    check_train_augmentation(rand_augment, random_erasing, num_sample)
     world, rank = _dist_info()
-    if int(total_batch_size) % world:
+    if int(total_batch_size) % (world * int(num_sample)):
         raise ValueError(f"total_batch_size {total_batch_size} is not divisible by the world size "
-                         f"{world}")
+                         f"{world} times num_sample {num_sample}")
     batch = int(total_batch_size) // world
+    videos = batch // int(num_sample)
     transform = build_train_transform(num_frames, crop_size, jitter_scales_relative,
-                                      jitter_aspect_relative, hflip_prob, mean, std)
+                                      jitter_aspect_relative, hflip_prob, mean, std,
+                                      rand_augment, random_erasing)
+    if int(num_sample) > 1:
+        transform = RepeatedAugmentation(transform, num_sample)
     dataset = TrainClipDataset(
         read_video_list(data_path, video_path_prefix, num_classes),
         make_clip_sampler("random", clip_duration(num_frames, sampling_rate, target_fps)),
         transform, seed=int(seed), num_replicas=world, rank=rank,
         min_duration=None)  # short videos repeat frames (SlowFast, pytorchvideo): see Faults
     per_rank = len(dataset)
-    if per_rank < batch:
-        logger.warning("%d videos per process but %d clips per batch: an epoch is one batch",
-                       per_rank, batch)
+    if per_rank < videos:
+        logger.warning("%d videos per process but %d per batch: an epoch is one batch",
+                       per_rank, videos)
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-    return VideoTrainLoader(dataset, batch, num_workers, per_rank // batch, pin)
+    return VideoTrainLoader(dataset, batch, num_workers, per_rank // videos, pin,
+                            num_sample=num_sample)
 
 
 def build_kinetics_test_loader(data_path: str, *, num_frames: int = 16, sampling_rate: int = 4,
@@ -395,10 +431,12 @@ def build_kinetics_test_loader(data_path: str, *, num_frames: int = 16, sampling
     return VideoTestLoader(dataset, batch_size, num_workers, int(num_clips) * int(num_crops), pin)
 
 
-def iters_per_epoch(num_videos: int, total_batch_size: int, world_size: int = 1) -> int:
-    """``floor(ceil(num_videos / world_size) / (total_batch_size / world_size))``, at least 1."""
+def iters_per_epoch(num_videos: int, total_batch_size: int, world_size: int = 1,
+                    num_sample: int = 1) -> int:
+    """``floor(ceil(num_videos / world_size) / (total_batch_size / world_size / num_sample))``
+    (videos per process over videos per batch), at least 1."""
     per_rank = math.ceil(int(num_videos) / int(world_size))
-    return max(1, per_rank // (int(total_batch_size) // int(world_size)))
+    return max(1, per_rank // (int(total_batch_size) // int(world_size) // int(num_sample)))
 
 
 def model_num_classes(model) -> Optional[int]:

@@ -27,6 +27,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
+from timm.loss import SoftTargetCrossEntropy
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
@@ -182,9 +183,12 @@ class ClipClassificationLoss(nn.Module):
     """A clip classifier as detectron2's trainers expect a model: ``batch -> {"loss_cls": loss}``.
 
     The batch is one of :func:`~revvit_video.data.collate_video_batch`: the clips go to `device`,
-    the loss is cross-entropy with label smoothing in float32. Like detectron2's box heads it
-    records its training accuracy (``train_top1``) and the clips of the step over all processes
-    (``clips``, for clips/s) in the event storage.
+    the loss is cross-entropy with label smoothing in float32, or, when the labels are ``(B, K)``
+    soft targets (Mixup/CutMix, already smoothed), the soft-target cross-entropy (timm's
+    ``SoftTargetCrossEntropy``; `label_smoothing` is not applied again). Like detectron2's box
+    heads it records its training accuracy (``train_top1``, against the dominant class of soft
+    targets) and the clips of the step over all processes (``clips``, for clips/s) in the event
+    storage.
 
     Args:
         net: the classifier, ``(B, 3, T, H, W) -> (B, K)`` (or its DDP wrapper).
@@ -197,12 +201,17 @@ class ClipClassificationLoss(nn.Module):
         self.net = net
         self.device = device
         self.label_smoothing = float(label_smoothing)
+        self.soft_loss = SoftTargetCrossEntropy()
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         videos = batch["video"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         logits = self.net(videos)  # (B, K)
-        loss = nnf.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        if labels.dim() == 2 and labels.is_floating_point():
+            loss = self.soft_loss(logits.float(), labels.float())
+            labels = labels.argmax(dim=1)  # the dominant class, for the accuracy
+        else:
+            loss = nnf.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         if comm.is_main_process():
             storage = get_event_storage()
             top1 = (logits.detach().argmax(dim=1) == labels).float().mean()

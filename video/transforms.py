@@ -13,18 +13,22 @@ pipelines act on the ``"video"`` key (``ApplyTransformToKey``) and leave the res
   (the centre one, SlowFast's single test crop; or, for 3 crops, the one the view's
   ``aug_index`` names), ``Div255``, ``Normalize``.
 
-Not reproduced from the official training recipe: RandAugment (rand-m7-n4-mstd0.5-inc1), random
-erasing (0.25), Mixup/CutMix and repeated augmentation (``AUG.NUM_SAMPLE 2``); see docs/video.md.
+The rest of the official training recipe (:mod:`revvit_video.augment`), each piece optional:
+RandAugment (``rand_augment="rand-m7-n4-mstd0.5-inc1"``) on the subsampled frames before the
+crop, and random erasing (``random_erasing=0.25``) after ``Normalize``, as in SlowFast; with both
+off the pipeline is the one above, step for step. Repeated augmentation and Mixup/CutMix act on
+the decoded sample and on the batch (:mod:`revvit_video.data`).
 
 ``pytorchvideo.transforms`` is imported through :mod:`revvit_video.compat` (torchvision renamed a
 private module it imports) when this module is imported. That also covers DataLoader workers
 started with ``spawn`` (as under ``torch.multiprocessing.spawn``): unpickling the dataset imports
 ``revvit_video.data`` and hence this module before any pytorchvideo transform class.
 """
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from torchvision.transforms import Compose, RandomHorizontalFlip
 
+from .augment import ClipRandAugment, ClipRandomErasing
 from .compat import import_pytorchvideo_transforms
 
 pvt = import_pytorchvideo_transforms()  # installs the alias first when it is needed
@@ -46,7 +50,9 @@ def build_train_transform(num_frames: int, crop_size: int,
                           jitter_aspect_relative: Sequence[float] = (0.75, 1.3333),
                           hflip_prob: float = 0.5,
                           mean: Sequence[float] = (0.45, 0.45, 0.45),
-                          std: Sequence[float] = (0.225, 0.225, 0.225)) -> Callable[[dict], dict]:
+                          std: Sequence[float] = (0.225, 0.225, 0.225),
+                          rand_augment: Optional[str] = None,
+                          random_erasing: float = 0.0) -> Callable[[dict], dict]:
     """The official training pipeline on a sample dict (see the module docstring).
 
     Args:
@@ -56,10 +62,14 @@ def build_train_transform(num_frames: int, crop_size: int,
         jitter_aspect_relative: range of the crop aspect ratio (log-uniform).
         hflip_prob: probability of a horizontal flip.
         mean, std: per-channel statistics on the 0-1 scale.
+        rand_augment: timm-style RandAugment string (``"rand-m7-n4-mstd0.5-inc1"``), or None.
+        random_erasing: probability of erasing a box of the normalised clip (0: off).
     """
     mean, std = _check_stats(mean, std)
-    return pvt.ApplyTransformToKey("video", Compose([
-        pvt.UniformTemporalSubsample(int(num_frames)),
+    steps = [pvt.UniformTemporalSubsample(int(num_frames))]
+    if rand_augment:
+        steps.append(ClipRandAugment(rand_augment))
+    steps += [
         pvt.RandomResizedCrop(int(crop_size), int(crop_size),
                               scale=tuple(float(s) for s in jitter_scales_relative),
                               aspect_ratio=tuple(float(a) for a in jitter_aspect_relative),
@@ -67,7 +77,10 @@ def build_train_transform(num_frames: int, crop_size: int,
         RandomHorizontalFlip(float(hflip_prob)),  # flips the last (width) axis of (C, T, H, W)
         pvt.Div255(),
         pvt.Normalize(mean, std),
-    ]))
+    ]
+    if float(random_erasing) > 0:
+        steps.append(ClipRandomErasing(random_erasing))
+    return pvt.ApplyTransformToKey("video", Compose(steps))
 
 
 class _TestViewTransform:

@@ -12,10 +12,20 @@ Data: ``$REVVIT_DATASETS/kinetics400/{train,val}.csv`` (``REVVIT_DATASETS`` defa
 ``./datasets``), one ``<path> <label>`` line per video, paths relative to the list's folder (or
 absolute); override with ``dataloader.train.data_path=...`` / ``dataloader.test.data_path=...``.
 
-Differences from the official recipe: RandAugment (rand-m7-n4-mstd0.5-inc1), random erasing
-(0.25), Mixup 0.8 / CutMix 1.0 and repeated augmentation (AUG.NUM_SAMPLE 2) are not implemented;
-label smoothing 0.1 is applied to the hard labels instead of the mixed soft targets. Fine-tuning
-from the released weights or testing them is unaffected.
+The whole official training recipe is set (docs/video.md, "The official training recipe"):
+RandAugment rand-m7-n4-mstd0.5-inc1, random erasing 0.25, repeated augmentation (AUG.NUM_SAMPLE
+2), Mixup 0.8 / CutMix 1.0 (switch 0.5) with label smoothing 0.1 on the mixed targets; each
+piece is turned off by its key (``dataloader.train.rand_augment=None``, ``.random_erasing=0``,
+``.num_sample=1``, ``train.mixup=None``).
+
+Differences from the official recipe, from the libraries used (revvit_video/augment.py):
+RandAugment is pytorchvideo's video RandAugment, whose op table is the increasing-severity one
+(inc1) but has 14 ops (no SolarizeAdd), draws the 4 ops of a clip without replacement
+(SlowFast's timm copy: with replacement) and interpolates geometric ops bilinearly on float
+pixels (SlowFast: bicubic on 8-bit PIL frames); random erasing is timm's (10 tries to place the
+box, SlowFast's cube variant 100), one box for all frames as in SlowFast; Mixup / CutMix are
+pytorchvideo's (the same Beta draws, CutMix weight corrected to the pasted box, as timm's).
+Fine-tuning from the released weights or testing them is unaffected.
 """
 import os
 
@@ -44,9 +54,12 @@ dataloader = dict(
         jitter_aspect_relative=(0.75, 1.3333),
         hflip_prob=0.5,
         mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),  # 0-1 scale
-        # Official: 16 clips per machine x 16 machines = 256 videos per iteration (each seen
-        # twice with AUG.NUM_SAMPLE 2, not reproduced here).
-        total_batch_size=256,
+        rand_augment="rand-m7-n4-mstd0.5-inc1",  # AUG.AA_TYPE; None = off
+        random_erasing=0.25,  # AUG.RE_PROB (pixel mode, one box); 0 = off
+        num_sample=2,  # AUG.NUM_SAMPLE: 2 differently augmented clips per video; 1 = off
+        # Official: TRAIN.BATCH_SIZE 16 videos per machine x 16 machines = 256 videos per
+        # iteration, x NUM_SAMPLE 2 = 512 clips (total_batch_size counts clips).
+        total_batch_size=512,
         num_workers=8,
         seed=0,
     ),
@@ -80,15 +93,19 @@ lr_multiplier = L(WarmupParamScheduler)(
     rescale_interval=True,
 )
 
-# 200 epochs; an epoch is floor(ceil(N / processes) / clips per process) iterations, e.g.
-# 240,000 videos / 256 clips = 937 iterations -> 187,400 iterations in all.
+# 200 epochs; an epoch is floor(ceil(N / processes) / videos per process) iterations, e.g.
+# 240,000 videos / 256 videos (512 clips) = 937 iterations -> 187,400 iterations in all.
 train = dict(
     output_dir="output/rev_mvit_b_16x4",
     epochs=200,
     max_iter=None,  # set to override epochs
     init_checkpoint=None,  # official .pyth, revvit_d2 or revvit_video checkpoint
     init_skip_head=False,  # True: keep a new head (fine-tuning to other classes)
-    label_smoothing=0.1,
+    label_smoothing=0.1,  # of the hard labels: used only with train.mixup=None
+    # MIXUP section: Mixup / CutMix of each batch, soft targets smoothed by label_smoothing;
+    # None = off.
+    mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
+               label_smoothing=0.1),
     clip_grad_l2norm=None,
     amp=dict(enabled=False, dtype="float16"),  # the official run used fp32; CUDA only
     checkpointer=dict(period=None, max_to_keep=5),  # period in iterations; None = every epoch

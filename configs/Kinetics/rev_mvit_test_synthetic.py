@@ -6,7 +6,11 @@ The dataset (``$REVVIT_DATASETS/kinetics_synthetic``, 4 classes that differ only
 move up, move down, grow, shrink; 2 s videos at 16 fps, 96x72) is generated on first use by
 tools/run_video.py. Same pipeline as the official recipe (rev_mvit_b_16x4.py, whose objects this
 file imports and adjusts): random clip + scale/aspect jitter + flip for training, uniform clips x
-centre crop with softmax averaging for testing; only sizes and the schedule are smaller.
+centre crop with softmax averaging for testing; only sizes and the schedule are smaller, and the
+regularising pieces of the recipe (RandAugment, random erasing, repeated augmentation,
+Mixup/CutMix) are off: repeated augmentation would double the iterations of this short run, and
+the tests' small batches (2 clips over 2 processes) would not divide into 2 samples per video.
+Turn them on with the keys of rev_mvit_b_16x4.py.
 """
 import os
 
@@ -32,6 +36,9 @@ dataloader.train.target_fps = 16
 dataloader.train.crop_size = 64
 dataloader.train.total_batch_size = 16
 dataloader.train.num_workers = 2
+dataloader.train.rand_augment = None
+dataloader.train.random_erasing = 0.0
+dataloader.train.num_sample = 1
 
 dataloader.test.data_path = os.path.join(_SYNTHETIC, "val.csv")
 dataloader.test.num_frames = 8
@@ -50,6 +57,7 @@ lr_multiplier.warmup_length = 1 / 8
 train.epochs = 8
 train.output_dir = "output/rev_mvit_test_synthetic"
 train.label_smoothing = 0.0
+train.mixup = None
 train.checkpointer.period = None  # every epoch
 train.checkpointer.max_to_keep = 2
 train.log_period = 12
