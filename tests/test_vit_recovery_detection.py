@@ -149,7 +149,7 @@ def test_recovery_benchmark_smoke_writes_well_formed_json(tmp_path):
     bench.main(["--smoke", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
     doc = json.loads(out.with_suffix(".json").read_text(),  # strict JSON: no NaN / Infinity
                      parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
-    assert [r["model"] for r in doc["rows"]] == list(bench.ROWS)
+    assert [r["model"] for r in doc["rows"]] == list(bench.ROWS) and doc["complete"]
     for row in doc["rows"]:
         for key in ("box_AP", "box_AP50", "mask_AP"):
             v = row[key]
