@@ -214,7 +214,8 @@ def convert_plain_vit(sd: Mapping[str, torch.Tensor], fmt: str = "auto",
     for key, value in sd.items():
         if fmt == "vitdet":
             if not key.startswith("backbone.net."):
-                report.dropped[key] = "detector part outside the ViT (pyramid, heads)"
+                report.dropped[key] = ("detector part outside the ViT (pyramid, heads): not "
+                                          "converted; RevvitCheckpointer passes it on by name")
                 continue
             key = key[len("backbone.net."):]
         src[key] = value

@@ -21,7 +21,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.py"))
 
 # detectron2's own ViT calls .item() in its constructor, which the meta device cannot do: that
 # model is built on the CPU (3 s), every other one on the meta device (no memory, no init time).
-NEEDS_REAL_TENSORS = {"COCO/mask_rcnn_vit_b_100ep.py"}
+NEEDS_REAL_TENSORS = {"COCO/mask_rcnn_vit_b_100ep.py", "COCO/mask_rcnn_vit_synthetic.py"}
 
 # What a detection trunk leaves out of an ImageNet checkpoint (classification head, final norm)
 # and adds to it (Rev-MViT's per-scale output norms): the only differences allowed.

@@ -6,7 +6,11 @@ atomically.
 converters (never detectron2's name-matching heuristics), puts it under the prefix of the
 reversible backbone inside the detector (e.g. ``backbone.net.`` below a feature pyramid), resizes
 the position embedding if needed, and logs exactly which backbone tensors were loaded and which
-were not. Detector checkpoints (``model_final.pth``) load as usual.
+were not. Detector checkpoints (``model_final.pth``) load as usual. A detectron2 ViT detector
+(ViTDet, 'vitdet' format) loads into a Rev-ViT detector whole: its ViT is converted, and its
+other tensors (pyramid, RPN, ROI heads) go to the detector under their own names, where
+detectron2's checkpointer loads those of the same shape and lists the rest. Into a model without
+a reversible backbone (e.g. detectron2's own ViT) such a file loads as it is.
 
 Saves are atomic (:class:`revvit_d2.training.AtomicSaveMixin`): a kill during a save never
 leaves a truncated "last" checkpoint (the temporary file of a killed save is removed by the next
@@ -59,6 +63,21 @@ def find_reversible_core(model: nn.Module) -> Tuple[str, nn.Module]:
     return found[0]
 
 
+def _has_reversible_core(model: nn.Module) -> bool:
+    return any(isinstance(m, (RevViT, RevMViT)) for m in model.modules())
+
+
+def _detector_parts(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The tensors of a ViTDet detector outside its ViT (pyramid, RPN, ROI heads), by name: the
+    Rev-ViT detector has the same parts, and a ViTDet user fine-tuning reversibly keeps them."""
+    parts = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    parts = {k: v for k, v in parts.items() if not k.startswith("backbone.net.")}
+    if parts:
+        logger.info("%d detector tensors outside the ViT (pyramid, RPN, ROI heads) passed on by "
+                    "name (loaded where the detector has the same name and shape)", len(parts))
+    return parts
+
+
 def _is_backbone_only(sd: Dict[str, torch.Tensor]) -> bool:
     return any(k.startswith("blocks.") for k in sd) and not any(
         k.startswith("backbone.") for k in sd)
@@ -88,10 +107,14 @@ class RevvitCheckpointer(SafeLoadMixin, AtomicSaveMixin, DetectionCheckpointer):
             return _pkl_checkpoint(data)
         fmt = detect_format(data)
         sd = unwrap_checkpoint(data)
+        if fmt == "vitdet" and not _has_reversible_core(self.model):
+            fmt = "detectron2"  # a plain ViTDet checkpoint into a plain ViT detector: as it is
         if fmt in ("slowfast", "mmpretrain") + PLAIN_VIT_FORMATS or (
                 fmt == "revvit" and _is_backbone_only(sd)):
-            return {"model": self._backbone_state(data, fmt, filename),
-                    "__author__": fmt, "matching_heuristics": False}
+            state = self._backbone_state(data, fmt, filename)
+            if fmt == "vitdet":
+                state.update(_detector_parts(sd))
+            return {"model": state, "__author__": fmt, "matching_heuristics": False}
         if "model" not in data:
             data = {"model": data}
         return data
