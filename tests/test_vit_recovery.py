@@ -18,6 +18,16 @@ from revvit_d2.data.synthetic.imagenet import make_synthetic_imagefolder  # noqa
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy sizes run much faster on one thread on a shared machine; the script's main sets the
+    count too, so it is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("vit_recovery",
