@@ -129,7 +129,7 @@ def test_resume_after_sigkill_repeats_the_losses(folder, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     done = _run(_tiny(folder, full, *common), ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Training skipped 1 (1 unreadable) of 41 images" in done.stdout
+    assert "Training skipped 1 of 41 images (1 unreadable)" in done.stdout
     _summary(done.stdout)
 
     args = _tiny(folder, killed, *common)

@@ -307,8 +307,9 @@ def do_train(args, cfg, device):
         for k, v in (part or {}).items():
             skipped.setdefault(k, v)
     if comm.is_main_process():
-        print(f"Training skipped {describe_skips(skipped).replace(' skipped', '', 1)} of "
-              f"{len(folder)} images", flush=True)
+        why = describe_skips(skipped).partition(": ")[2]
+        print(f"Training skipped {len(skipped)} of {len(folder)} images"
+              f"{f' ({why})' if why else ''}", flush=True)
     return do_test(cfg, net, device, final=True)
 
 
