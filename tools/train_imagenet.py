@@ -121,11 +121,18 @@ def _data_path(cfg, split: str) -> Path:
         raise ToolError(f"dataloader.{split}.data is not set (an ImageFolder directory: "
                         f"<data>/<class>/<image>)")
     path = Path(os.path.expanduser(os.path.expandvars(str(data))))
-    synthetic = default_synthetic_root()
+    # The built-in shape folder: the default one (tools/eval_imagenet.py's), or the one that
+    # dataloader.synthetic describes (root + make_synthetic_imagefolder arguments).
+    params = dict(cfg.dataloader.get("synthetic") or {})
+    synthetic = Path(os.path.expandvars(str(params.pop("root", default_synthetic_root()))))
     if path.resolve().parent == synthetic.resolve() and path.name in ("train", "val"):
         if not (synthetic / ".complete").is_file():
             logger.info("generating the built-in synthetic dataset in %s", synthetic)
-        make_synthetic_imagefolder(synthetic)  # a no-op once complete
+        try:
+            make_synthetic_imagefolder(synthetic, **params)  # a no-op once complete
+        except (OSError, TypeError, ValueError) as e:
+            raise ToolError(f"cannot generate the synthetic dataset in {synthetic}: {e}") \
+                from None
     return path
 
 
