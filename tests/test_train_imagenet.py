@@ -84,6 +84,29 @@ def test_the_official_randaugment_strings_are_accepted():
         build_mixup(10, alpha=0.2)
 
 
+def test_training_stream_restarts_at_any_iteration_and_reports_unreadable_images(folder):
+    from revvit_d2.d2.sampler import build_resumable_train_loader
+    from revvit_d2.data.imagefolder import SafeImageFolder
+    from revvit_d2.data.imagefolder_train import SkipUnreadable, collate_train_batch
+
+    images = SafeImageFolder(folder / "train", transform=build_train_transform(32, MEAN, STD))
+
+    def batches(start, n):
+        loader = build_resumable_train_loader(
+            range(len(images)), mapper=SkipUnreadable(images), total_batch_size=4, seed=3,
+            start_iter=start, aspect_ratio_grouping=False, num_workers=1,
+            collate_fn=collate_train_batch)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    full, late = batches(0, 12), batches(7, 5)
+    for a, b in zip(full[7:], late):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["targets"], b["targets"])
+    assert all(b["images"].shape == (4, 3, 32, 32) for b in full)  # full batches
+    skipped = {s.path for b in full for s in b["skipped"]}
+    assert skipped == {str(folder / "train" / "03_cross" / "broken.JPEG")}  # 12 x 4 > 41
+
+
 # ------------------------------------------------------------------------------------------
 # Tool runs
 # ------------------------------------------------------------------------------------------
@@ -124,6 +147,7 @@ def _last_iteration(out: Path) -> int:
     return int(name[len("model_"):-len(".pth")]) if name.startswith("model_0") else -1
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_repeats_the_losses(folder, tmp_path):
     common = ["train.max_iter=10", "train.checkpointer.period=3"]
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -141,6 +165,7 @@ def test_resume_after_sigkill_repeats_the_losses(folder, tmp_path):
     assert_losses_repeat(full, killed, at, 10)
 
 
+@pytest.mark.slow
 def test_finetune_to_another_class_count_needs_the_option(folder, tmp_path):
     source = tmp_path / "rev_vit_test_1000.pth"
     torch.save({"model": create_model("rev_vit_test", num_classes=1000).state_dict()}, source)
@@ -159,6 +184,7 @@ def test_finetune_to_another_class_count_needs_the_option(folder, tmp_path):
     _summary(tuned.stdout)
 
 
+@pytest.mark.slow
 def test_finetune_from_plain_vit_weights(folder, tmp_path):
     timm = pytest.importorskip("timm")
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64,
@@ -188,6 +214,7 @@ def _bad_cases(folder, root):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["empty_folder", "missing_folder", "unknown_augment_key",
                                   "randaugment_string", "unknown_mixup_key",
                                   "more_classes_than_the_head"])
