@@ -243,8 +243,9 @@ def load_weights(model, path, finetune: bool, allow_unsafe_pickle: bool):
 # Test and training
 # ------------------------------------------------------------------------------------------
 def do_test(cfg, model, device, final=False):
-    folder, loader = build_test_loader(cfg, getattr(model, "module", model), device)
-    res = evaluate_classifier(model, loader, device, amp_dtype(cfg.train),
+    net = getattr(model, "module", model)  # no DDP: the processes test different counts
+    folder, loader = build_test_loader(cfg, net, device)
+    res = evaluate_classifier(net, loader, device, amp_dtype(cfg.train),
                               int(cfg.train.get("log_period", 20)))
     data = cfg.dataloader.test.data
     if res["images"] == 0:
