@@ -239,4 +239,4 @@ def test_builtin_demo_learns(tmp_path):
     proc = _run([f"train.output_dir={tmp_path / 'demo'}"], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     top1, _ = _summary(proc.stdout)
-    assert top1 >= 30.0, proc.stdout[-3000:]  # chance: 10 %
+    assert top1 >= 20.0, proc.stdout[-3000:]  # chance: 10 %; measured 31.5 (docs)
