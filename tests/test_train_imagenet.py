@@ -168,7 +168,8 @@ def test_resume_after_sigkill_repeats_the_losses(folder, tmp_path):
 @pytest.mark.slow
 def test_finetune_to_another_class_count_needs_the_option(folder, tmp_path):
     source = tmp_path / "rev_vit_test_1000.pth"
-    torch.save({"model": create_model("rev_vit_test", num_classes=1000).state_dict()}, source)
+    model = create_model("rev_vit_test", num_classes=1000, patch_size=8)  # the demo's size
+    torch.save({"model": model.state_dict()}, source)
     args = ["model.num_classes=10", f"train.init_checkpoint={source}", "train.max_iter=2"]
 
     refused = _run(_tiny(folder, tmp_path / "refused", *args), tmp_path)
@@ -187,7 +188,7 @@ def test_finetune_to_another_class_count_needs_the_option(folder, tmp_path):
 @pytest.mark.slow
 def test_finetune_from_plain_vit_weights(folder, tmp_path):
     timm = pytest.importorskip("timm")
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64,
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8,
                             embed_dim=64, depth=4, num_heads=2, num_classes=1000)
     source = tmp_path / "timm_vit.pth"
     torch.save(vit.state_dict(), source)
