@@ -70,8 +70,8 @@ def main(argv=None):
     with open(args.out + ".json", "w") as f:
         json.dump({"machine": info, "settings": vars(args), "rows": rows}, f, indent=1)
     lines = ["# ImageNet training demo on the CPU", "",
-             f"`tools/train_imagenet.py` with configs/ImageNet/rev_vit_test_train.py (tiny Rev-ViT, "
-             f"8x8 patches, 1,000 generated shape images, 10 classes, 200 test images; chance "
+             f"`tools/train_imagenet.py` with configs/ImageNet/rev_vit_test_train.py (tiny "
+             f"Rev-ViT, 8x8 patches, 1,000 generated shape images, 10 classes, 200 test images; chance "
              f"10 %); {info['cpus']} {info['device']} CPU cores shared with other jobs (load "
              f"average {load} at the end), {info['date']}; "
              f"`{' '.join(['python'] + sys.argv)}`.", "",
