@@ -28,7 +28,7 @@ from _helpers import oracle_path
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "eval_imagenet.py"
 ORACLE = "slowfast_revvit_tiny.pt"  # tests/data/oracle: official SlowFast weights and logits
-IMAGENET_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "ImageNet").glob("*.py"))
+IMAGENET_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "ImageNet").glob("*_eval.py"))
 SUMMARY = re.compile(r"^\* Acc@1 (?P<top1>[\d.]+) Acc@5 (?P<top5>[\d.]+) images (?P<images>\d+) "
                      r"skipped (?P<skipped>\d+) images/s [\d.]+ params (?P<params>[\d,]+) "
                      r"GFLOPs [\d.]+$")
