@@ -64,6 +64,7 @@ from revvit_d2.training import (  # noqa: E402
     training_hooks,
     unsharded_copy,
 )
+from revvit_d2.training.device import amp_dtype, training_device  # noqa: E402
 from revvit_video.data import (  # noqa: E402
     NoReadableVideoError,
     build_kinetics_test_loader,
@@ -169,28 +170,6 @@ def prepare_data(cfg, eval_only: bool):
 # ------------------------------------------------------------------------------------------
 # Per-process work
 # ------------------------------------------------------------------------------------------
-def get_device(cfg):
-    want = str(cfg.train.get("device", "auto"))
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ToolError("train.device is 'cuda' but CUDA is not available")
-    if want == "cuda":
-        return torch.device("cuda", comm.get_local_rank())
-    return torch.device(want)
-
-
-def amp_dtype(cfg):
-    """``train.amp.dtype`` when ``train.amp.enabled``, else None (autocast is CUDA only)."""
-    amp = cfg.train.get("amp") or {}
-    if not amp.get("enabled", False):
-        return None
-    name = str(amp.get("dtype", "float16"))
-    if name not in ("float16", "bfloat16"):
-        raise ToolError(f"train.amp.dtype must be float16 or bfloat16, got {name!r}")
-    return getattr(torch, name)
-
-
 def build_model(cfg, device):
     model = build(cfg.model, "the model").to(device)
     logger.info("model: %s, %d parameters", type(model).__name__,
@@ -239,7 +218,7 @@ def do_test(cfg, model, device, final=False):
         # The processes test different numbers of clips, and each forward of a sharded model
         # gathers from all of them: test an unsharded copy.
         net = unsharded_copy(net, build_model(cfg, device))
-    res = evaluate_multiview(net, loader, device, amp_dtype(cfg),  # autocast on CUDA only
+    res = evaluate_multiview(net, loader, device, amp_dtype(cfg.train),  # autocast on CUDA only
                              log_period=int(cfg.train.get("log_period", 20)))
     skipped = _gather_skipped(loader.skipped_entries())  # distinct entries, all processes
     if not comm.is_main_process():
@@ -272,7 +251,7 @@ def build_training(cfg, device, seed: int, init_weights: bool = False):
     checkpointer of a run with `seed`, and its length ``(max_iter, iterations per epoch)``.
     `init_weights`: a sharded model gets ``train.init_checkpoint`` here, before sharding."""
     model = build_model(cfg, device)
-    sharding = fsdp_settings(cfg.train, amp_dtype(cfg))
+    sharding = fsdp_settings(cfg.train, amp_dtype(cfg.train))
     if sharding is not None:
         if init_weights and cfg.train.get("init_checkpoint"):
             load_weights(model, cfg.train.init_checkpoint,
@@ -302,7 +281,7 @@ def build_training(cfg, device, seed: int, init_weights: bool = False):
     if sharding is None:
         model = ddp(model, device, broadcast_buffers=False)
     loss = ClipClassificationLoss(model, device, cfg.train.get("label_smoothing", 0.0))
-    trainer = build_trainer(loss, train_loader, optimizer, device, amp_dtype(cfg),
+    trainer = build_trainer(loss, train_loader, optimizer, device, amp_dtype(cfg.train),
                             VideoTrainer, VideoAMPTrainer,
                             clip_grad_l2norm=cfg.train.get("clip_grad_l2norm"))
     if sharding is None:
@@ -319,7 +298,7 @@ def build_training(cfg, device, seed: int, init_weights: bool = False):
 def do_train(args, cfg, device):
     unsafe = bool(cfg.train.allow_unsafe_pickle)
     point = resume_point(cfg.train.output_dir, args.resume, cfg.train.seed, unsafe)
-    sharded = fsdp_settings(cfg.train, amp_dtype(cfg)) is not None
+    sharded = fsdp_settings(cfg.train, amp_dtype(cfg.train)) is not None
     model, trainer, checkpointer, max_iter, ipe = build_training(
         cfg, device, point.seed, init_weights=point.path is None)
     ckpt_cfg = cfg.train.get("checkpointer") or {}
@@ -362,7 +341,7 @@ def main(args):
     threads = cfg.train.get("num_threads")
     if threads:
         torch.set_num_threads(int(threads))
-    device = get_device(cfg)
+    device = training_device(cfg.train)
     if args.eval_only:
         model = build_model(cfg, device)
         init = cfg.train.get("init_checkpoint")
@@ -384,7 +363,7 @@ def check_inputs(args):
     if args.num_gpus < 1:
         raise ToolError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     cfg, args.config_file = load_config(args)
-    fsdp_settings(cfg.train, amp_dtype(cfg))  # a setting that does not apply: one line, here
+    fsdp_settings(cfg.train, amp_dtype(cfg.train))  # a setting that does not apply: one line, here
     if not args.eval_only:
         check_recipe(cfg)
     prepare_data(cfg, args.eval_only)

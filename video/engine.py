@@ -16,7 +16,6 @@ engine (``SimpleTrainer``, hooks, ``EventStorage``, ``Checkpointer``).
 * :class:`VideoMetricPrinter`: the periodic progress line (iteration, epoch, loss, lr, clips/s,
   ETA, skipped videos).
 """
-import datetime
 import logging
 import time
 from collections import defaultdict
@@ -26,10 +25,16 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from detectron2.engine import AMPTrainer, SimpleTrainer
-from timm.loss import SoftTargetCrossEntropy
+from detectron2.engine import AMPTrainer
 from detectron2.utils import comm
-from detectron2.utils.events import EventWriter, get_event_storage
+from detectron2.utils.events import get_event_storage
+from timm.loss import SoftTargetCrossEntropy
+
+from revvit_d2.training.classification import (
+    ClassificationMetricPrinter,
+    ClassifierTrainer,
+    topk_correct,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -66,12 +71,6 @@ def aggregate_views(video_index: torch.Tensor, logits: torch.Tensor
     sums = torch.zeros(len(videos), probs.shape[1], dtype=probs.dtype).index_add_(0, inverse, probs)
     counts = torch.bincount(inverse, minlength=len(videos))
     return videos, sums / counts[:, None].to(sums.dtype), counts
-
-
-def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(N,) bool: whether each label is among the k highest scores (k capped at K)."""
-    k = min(int(k), probs.shape[1])
-    return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
 class MultiViewAccumulator:
@@ -221,14 +220,14 @@ class ClipClassificationLoss(nn.Module):
         return {"loss_cls": loss}
 
 
-class VideoTrainer(SimpleTrainer):
+class VideoTrainer(ClassifierTrainer):
     """detectron2's ``SimpleTrainer`` (or ``AMPTrainer``: :class:`VideoAMPTrainer`) with what a
     resumable video stream needs and detectron2 has no place for.
 
     What differs, and why:
 
-    * optional L2 gradient clipping in ``after_backward`` (after unscaling the gradients under
-      AMP): the LazyConfig path of detectron2 has no clipping of its own;
+    * optional L2 gradient clipping (:class:`revvit_d2.training.classification.ClassifierTrainer`):
+      the LazyConfig path of detectron2 has no clipping of its own;
     * after each step, every process's data position is gathered (the processes skip
       different unreadable videos) and saved in the trainer state, so ``--resume`` restarts
       each stream where it stood: a checkpointer runs on the main process only and cannot
@@ -246,16 +245,8 @@ class VideoTrainer(SimpleTrainer):
 
     def __init__(self, model, data_loader, optimizer, clip_grad_l2norm: Optional[float] = None,
                  **kwargs):
-        super().__init__(model, data_loader, optimizer, **kwargs)
-        self.clip_grad_l2norm = clip_grad_l2norm
+        super().__init__(model, data_loader, optimizer, clip_grad_l2norm, **kwargs)
         self._data_states = None  # every process's data position after the last step
-
-    def after_backward(self):
-        super().after_backward()
-        if self.clip_grad_l2norm:
-            if isinstance(self, AMPTrainer):
-                self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_l2norm))
 
     def run_step(self):
         super().run_step()
@@ -288,7 +279,7 @@ class VideoAMPTrainer(VideoTrainer, AMPTrainer):
     backward recomputes under the forward's autocast state)."""
 
 
-class VideoMetricPrinter(EventWriter):
+class VideoMetricPrinter(ClassificationMetricPrinter):
     """One progress line per call (used with detectron2's ``PeriodicWriter``)::
 
         iter 40/120  epoch 3.3/10  loss 0.912  train top-1 68.8  lr 1.00e-03  52.1 clips/s
@@ -296,46 +287,5 @@ class VideoMetricPrinter(EventWriter):
     """
 
     def __init__(self, max_iter: int, iters_per_epoch: int, window_size: int = 20):
-        self.max_iter = int(max_iter)
-        self.iters_per_epoch = max(1, int(iters_per_epoch))
-        self.window = int(window_size)
-        self.logger = logging.getLogger("revvit_video.train")
-
-    def _median(self, storage, name) -> Optional[float]:
-        try:
-            h = storage.history(name)
-        except KeyError:
-            return None
-        return h.median(storage.count_samples(name, self.window))
-
-    def write(self):
-        storage = get_event_storage()
-        it = storage.iter
-        if it >= self.max_iter:
-            return
-        loss = self._median(storage, "total_loss")
-        top1 = self._median(storage, "train_top1")
-        t = self._median(storage, "time")
-        data_t = self._median(storage, "data_time")
-        clips = self._median(storage, "clips")
-        lr = storage.latest().get("lr", (None,))[0]
-        skipped = storage.latest().get("skipped_videos", (0,))[0]
-        parts = [f"iter {it + 1}/{self.max_iter}",
-                 f"epoch {(it + 1) / self.iters_per_epoch:.1f}/"
-                 f"{self.max_iter / self.iters_per_epoch:.1f}"]
-        if loss is not None:
-            parts.append(f"loss {loss:.3f}")
-        if top1 is not None:
-            parts.append(f"train top-1 {top1:.1f}")
-        if lr is not None:
-            parts.append(f"lr {lr:.2e}")
-        if t:
-            if clips:
-                parts.append(f"{clips / t:.1f} clips/s")
-            parts.append(f"({t:.3f} s/it" + (f", data {data_t:.3f} s)" if data_t is not None
-                                             else ")"))
-            eta = datetime.timedelta(seconds=int(t * (self.max_iter - it - 1)))
-            parts.append(f"eta {eta}")
-        parts.append(f"skipped {int(skipped)}")
-        self.logger.info("  ".join(parts))
-
+        super().__init__(max_iter, iters_per_epoch, window_size, unit="clips",
+                         skipped_key="skipped_videos", logger_name="revvit_video.train")

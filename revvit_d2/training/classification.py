@@ -12,8 +12,8 @@ trainer with gradient clipping, the progress line and a distributed top-1 / top-
 * :func:`topk_correct`, :func:`evaluate_classifier`: single-crop top-1 / top-5 over a loader of
   ``{"images", "targets", "skipped"}`` batches, summed over the processes.
 
-The video trainer (``revvit_video.engine``) has the same clipping and printer with a data
-position for its loader; both could share these (docs/imagenet_train.md).
+The video trainer (``revvit_video.engine``) builds on the trainer, the printer and
+:func:`topk_correct`, adding the data position of its loader.
 """
 import datetime
 import logging
@@ -130,13 +130,25 @@ class ClassificationMetricPrinter(EventWriter):
 
         iter 40/120  epoch 3.3/10.0  loss 1.912  train top-1 38.8  lr 1.00e-03  52.1 images/s
         (0.307 s/it, data 0.112 s)  eta 0:00:24  skipped 0
+
+    Args:
+        max_iter, iters_per_epoch: of the run.
+        window_size: iterations of the medians.
+        unit: the event-storage scalar counting the samples of a step, and the rate's unit
+            (``images``; the video trainer's ``clips``).
+        skipped_key: the scalar counting the unreadable samples skipped so far.
+        logger_name: where the lines go.
     """
 
-    def __init__(self, max_iter: int, iters_per_epoch: int, window_size: int = 20):
+    def __init__(self, max_iter: int, iters_per_epoch: int, window_size: int = 20,
+                 unit: str = "images", skipped_key: str = "skipped_images",
+                 logger_name: str = "revvit_d2.train_imagenet"):
         self.max_iter = int(max_iter)
         self.iters_per_epoch = max(1, int(iters_per_epoch))
         self.window = int(window_size)
-        self.logger = logging.getLogger("revvit_d2.train_imagenet")
+        self.unit = unit
+        self.skipped_key = skipped_key
+        self.logger = logging.getLogger(logger_name)
 
     def _median(self, storage, name) -> Optional[float]:
         try:
@@ -152,9 +164,9 @@ class ClassificationMetricPrinter(EventWriter):
             return
         loss, top1 = self._median(storage, "total_loss"), self._median(storage, "train_top1")
         t, data_t = self._median(storage, "time"), self._median(storage, "data_time")
-        images = self._median(storage, "images")
+        samples = self._median(storage, self.unit)
         lr = storage.latest().get("lr", (None,))[0]
-        skipped = storage.latest().get("skipped_images", (0,))[0]
+        skipped = storage.latest().get(self.skipped_key, (0,))[0]
         parts = [f"iter {it + 1}/{self.max_iter}",
                  f"epoch {(it + 1) / self.iters_per_epoch:.1f}/"
                  f"{self.max_iter / self.iters_per_epoch:.1f}"]
@@ -165,8 +177,8 @@ class ClassificationMetricPrinter(EventWriter):
         if lr is not None:
             parts.append(f"lr {lr:.2e}")
         if t:
-            if images:
-                parts.append(f"{images / t:.1f} images/s")
+            if samples:
+                parts.append(f"{samples / t:.1f} {self.unit}/s")
             parts.append(f"({t:.3f} s/it" + (f", data {data_t:.3f} s)" if data_t is not None
                                              else ")"))
             parts.append(f"eta {datetime.timedelta(seconds=int(t * (self.max_iter - it - 1)))}")
