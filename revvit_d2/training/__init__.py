@@ -1,5 +1,6 @@
-"""Training scaffolding on detectron2's engine that both training tools share
-(``tools/train_net.py``, ``tools/run_video.py``; layer 2.5 of docs/architecture.md).
+"""Training scaffolding on detectron2's engine that the training tools share
+(``tools/train_net.py``, ``tools/run_video.py``, ``tools/train_imagenet.py``; layer 2.5 of
+docs/architecture.md).
 
 * :mod:`.cli`: the parser, config loading, one-line errors through detectron2's ``launch``;
 * :mod:`.lazyconfig`: LazyConfig loading with strict ``key=value`` overrides;
@@ -7,7 +8,10 @@
   step, the resume point;
 * :mod:`.seeding`: the seed hooks that make a resumed run repeat the uninterrupted one;
 * :mod:`.engine`: per-process setup, DDP, the hooks in their order, the metric writers;
-* :mod:`.fsdp`: ``train.fsdp``: FSDP2 instead of DDP, sharded (DCP) checkpoints.
+* :mod:`.fsdp`: ``train.fsdp``: FSDP2 instead of DDP, sharded (DCP) checkpoints;
+* :mod:`.device`: ``train.device`` and ``train.amp`` of the classification and video tools;
+* :mod:`.classification`: the classifier's loss step (timm's Mixup and soft-target loss), the
+  trainer with gradient clipping, the progress line, top-1 / top-5 evaluation.
 
 Imports detectron2; never ``revvit_d2.d2`` or ``revvit_video``.
 """
