@@ -128,8 +128,9 @@ class ClipRandomErasing:
 
     def __call__(self, clip: torch.Tensor) -> torch.Tensor:
         c, t, h, w = clip.shape
-        self.erase(clip.reshape(c * t, h, w))  # a view: erases `clip`
-        return clip
+        # timm erases in place and returns its input: use what it returns, which is `clip`'s
+        # data when the reshape is a view and a copy otherwise (a non-contiguous clip)
+        return self.erase(clip.reshape(c * t, h, w)).reshape(c, t, h, w)
 
     def __repr__(self):
         return f"ClipRandomErasing({self.probability})"
