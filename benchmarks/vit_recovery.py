@@ -51,6 +51,7 @@ from timm.scheduler import CosineLRScheduler
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import command_line  # noqa: E402
 from vit_conversion_gap import _grad_error  # noqa: E402  (rev vs plain-autograd gradients)
 
 import revvit_d2  # noqa: E402
@@ -264,7 +265,7 @@ def _row_md(r, plain_ft):
             f"{'yes' if rc.get('reversible_backward_used') else '-'} | {err} |")
 
 
-def write(out, args, rows, data_info, seconds):
+def write(out, args, rows, data_info, seconds, argv=()):
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": args.threads,
@@ -277,7 +278,7 @@ def write(out, args, rows, data_info, seconds):
                "gap_to_plain_ft": best["top1"] - plain_ft, "gap_to_plain": best["top1"] - plain,
                "within_1_point_of_plain_ft": best["top1"] >= plain_ft - 1.0,
                "above_rev_scratch": best["top1"] > by["rev_scratch"]["top1"]}
-    cmd = " ".join(["python"] + [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    cmd = command_line(__file__, list(argv))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": info, "command": cmd, "settings": {**vars(args), "data": str(args.data)},
                "data": data_info, "seconds": round(seconds, 1), "rows": rows,
@@ -359,7 +360,8 @@ def main(argv=None):
             rows, info = run(args)
     else:
         rows, info = run(args)
-    write(args.out, args, rows, info, time.perf_counter() - t0)
+    write(args.out, args, rows, info, time.perf_counter() - t0,
+          sys.argv[1:] if argv is None else argv)
     print(f"wrote {args.out}.md")
 
 
