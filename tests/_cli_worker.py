@@ -7,6 +7,7 @@ import signal
 import sys
 import types
 
+from _helpers import say
 from revvit_d2.training.cli import ToolError, launch_guarded
 
 
@@ -36,8 +37,8 @@ def backend(args):
     from detectron2.utils import comm
 
     used = dist.get_backend() if dist.is_initialized() else None
-    print(f"rank {comm.get_rank()} backend {used} cuda {torch.cuda.is_available()} "
-          f"fake {getattr(torch.cuda, 'revvit_fake_gpus', None)}", flush=True)
+    say(f"rank {comm.get_rank()} backend {used} cuda {torch.cuda.is_available()} "
+        f"fake {getattr(torch.cuda, 'revvit_fake_gpus', None)}")
 
 
 if __name__ == "__main__":

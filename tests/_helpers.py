@@ -4,6 +4,7 @@ Tests read only files committed to this repository. A missing file fails the tes
 (never a skip): a checkout without its golden data must not pass with less coverage.
 """
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -13,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 ORACLE_DIR = DATA / "oracle"  # outputs of the official implementations (README.md there)
 KEYS_DIR = DATA / "keys"  # full-size official checkpoint layouts: "key [shape]" per line
+
+
+def say(line: str) -> None:
+    """Print one line to stdout in a single write. Processes of one launch share the pipe; under
+    PYTHONUNBUFFERED ``print`` writes the text and its newline apart, and two lines could mix."""
+    os.write(1, (line + "\n").encode())
 
 
 def data_file(path: Path) -> Path:

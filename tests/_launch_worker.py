@@ -17,14 +17,15 @@ from revvit_d2.utils.errors import quiet_import_warnings
 
 quiet_import_warnings()  # before detectron2 imports
 
+from _helpers import say  # noqa: E402
 from revvit_d2.training.cli import launch_guarded, tool_parser  # noqa: E402
 
 
 def joined(args):
     from detectron2.utils import comm
 
-    print(f"joined rank {comm.get_rank()} of {comm.get_world_size()} local "
-          f"{comm.get_local_rank()} of {comm.get_local_size()}", flush=True)
+    say(f"joined rank {comm.get_rank()} of {comm.get_world_size()} local "
+        f"{comm.get_local_rank()} of {comm.get_local_size()}")
     hold = os.environ.get("REVVIT_TEST_HOLD")
     deadline = time.monotonic() + 300
     while hold and not os.path.exists(hold) and time.monotonic() < deadline:
