@@ -26,21 +26,22 @@ from revvit_d2.utils.io import read_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
 RUN_VIDEO = ROOT / "tools" / "run_video.py"
-ENV = dict(os.environ, REVVIT_DATASETS=str(ROOT / "datasets"), PYTHONUNBUFFERED="1",
-           OMP_NUM_THREADS="2")
+ENV = dict(os.environ, REVVIT_DATASETS=str(ROOT / "datasets"), PYTHONUNBUFFERED="1")
 
 # A tiny detector (2 reversible blocks with drop path, random flips and 96-112 px resizes, 2
 # data-loader workers) for 8 iterations with a checkpoint every 2; no evaluation. The demo config
 # has no augmentation, so a small config file on top of it adds random ones (_detection_config).
+# The processes of a run share 2 threads and 2 data-loader workers, as one process alone has
+# them (the machines have 2 cores; more only made the 2-process runs slower).
 DEMO_CONFIG = ROOT / "configs" / "COCO" / "mask_rcnn_revvit_synthetic.py"
 DETECTION = ["model.backbone.net.depth=2", "model.backbone.net.drop_path_rate=0.2",
              "model.roi_heads.batch_size_per_image=32", "dataloader.train.total_batch_size=2",
-             "dataloader.train.num_workers=2", "dataloader.evaluator=null", "train.max_iter=8",
+             "dataloader.evaluator=null", "train.max_iter=8",
              "train.checkpointer.period=2", "train.log_period=1", "train.seed=7",
              "train.deterministic=True", "train.device=cpu"]
 
-def _start(tool, args, cwd):
-    return start_tool(tool, args, cwd, ENV)
+def _start(tool, args, cwd, processes=1):
+    return start_tool(tool, args, cwd, dict(ENV, OMP_NUM_THREADS=str(2 // processes)))
 
 
 def _finish(proc, timeout=600):
@@ -55,10 +56,11 @@ def _last_iteration(out_dir: Path) -> int:
     return int(name[len("model_"):-len(".pth")]) if name.startswith("model_0") else -1
 
 
-def _run_and_kill(tool, args, out_dir: Path, cwd, after: int, timeout=600):
+def _run_and_kill(tool, args, out_dir: Path, cwd, after: int, processes=1, timeout=600):
     """Start a run and SIGKILL it (and its data-loader workers) once its last checkpoint is at
     iteration `after` or later."""
-    return kill_when(_start(tool, args, cwd), lambda: _last_iteration(out_dir), after, timeout)
+    return kill_when(_start(tool, args, cwd, processes), lambda: _last_iteration(out_dir), after,
+                     timeout)
 
 
 def _assert_resumed_like_uninterrupted(full: Path, resumed: Path, killed_at: int, max_iter: int):
@@ -92,12 +94,13 @@ def _detection_config(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("num_gpus", [1, 2])  # 2: two gloo processes, one image each
 def test_detection_resume_after_sigkill_repeats_the_losses(tmp_path, num_gpus):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    config = ["--config-file", _detection_config(tmp_path), "--num-gpus", num_gpus]
-    _finish(_start(TRAIN_NET, config + DETECTION + [f"train.output_dir={full}"], tmp_path))
-    args = config + DETECTION + [f"train.output_dir={killed}"]
-    at = _run_and_kill(TRAIN_NET, args, killed, tmp_path, after=3)
+    config = ["--config-file", _detection_config(tmp_path), "--num-gpus", num_gpus] + DETECTION
+    config.append(f"dataloader.train.num_workers={2 // num_gpus}")
+    _finish(_start(TRAIN_NET, config + [f"train.output_dir={full}"], tmp_path, num_gpus))
+    args = config + [f"train.output_dir={killed}"]
+    at = _run_and_kill(TRAIN_NET, args, killed, tmp_path, after=3, processes=num_gpus)
     assert 3 <= at < 7
-    log = _finish(_start(TRAIN_NET, ["--resume"] + args, tmp_path))
+    log = _finish(_start(TRAIN_NET, ["--resume"] + args, tmp_path, num_gpus))
     assert f"Starting training from iteration {at + 1}" in log
     assert f"World size: {num_gpus}" in log
     _assert_resumed_like_uninterrupted(full, killed, at, 8)
@@ -121,11 +124,11 @@ def test_video_resume_after_sigkill_mid_epoch_repeats_the_losses(tmp_path):
     # Two processes (gloo): each has its own share of the videos, and only one holds the
     # missing one, so each must get back its own position.
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _finish(_start(RUN_VIDEO, ["--num-gpus", 2] + common + [f"train.output_dir={full}"], ROOT))
+    _finish(_start(RUN_VIDEO, ["--num-gpus", 2] + common + [f"train.output_dir={full}"], ROOT, 2))
     args = ["--num-gpus", 2] + common + [f"train.output_dir={killed}"]
-    at = _run_and_kill(RUN_VIDEO, args, killed, ROOT, after=5)
+    at = _run_and_kill(RUN_VIDEO, args, killed, ROOT, after=5, processes=2)
     assert at in (5, 8)  # 9 videos per process / 2 = 4 iterations per epoch: inside epoch 1 or 2
-    log = _finish(_start(RUN_VIDEO, ["--resume"] + args, ROOT))  # options before key=value
+    log = _finish(_start(RUN_VIDEO, ["--resume"] + args, ROOT, 2))  # options before key=value
     assert f"resuming from {killed / f'model_{at:07d}.pth'} at iteration {at + 1}" in log
     assert "without the loader state" not in log
     _assert_resumed_like_uninterrupted(full, killed, at, 10)
