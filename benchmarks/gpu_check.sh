@@ -72,7 +72,8 @@ if [ "$SMOKE" = "1" ]; then
     LB=(--sizes s --depths 2 --img-size 32 --batch 2 --memory-batches 2 4 --repeats 1)
     DET=(--img-size 128 --steps 1 --threads 1 --override model.backbone.net.depth=2
          --override model.backbone.net.embed_dim=64 --override model.backbone.net.num_heads=2
-         --override model.roi_heads.batch_size_per_image=16 --variants revvit_b vit_b)
+         --override model.roi_heads.batch_size_per_image=16 --variants revvit_b vit_b
+         --parts detector)
     COMP=(--model rev_vit_test --img-size 64 --batch 2 --repeats 2 --backend aot_eager
           --threads 1)
     PYTEST=(-m cuda -q -p no:cacheprovider tests/test_cuda_engine.py tests/test_parallel_backward.py)
