@@ -34,7 +34,6 @@ from revvit_d2.utils.errors import quiet_import_warnings
 
 quiet_import_warnings()  # before detectron2 and pytorchvideo import
 
-import torch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from revvit_d2.training import (  # noqa: E402
@@ -49,10 +48,11 @@ from revvit_d2.training import (  # noqa: E402
     build_trainer,
     check_start_checkpoint,
     ddp,
+    epoch_training_hooks,
+    eval_only_weights,
     fsdp_settings,
+    invoke_tool,
     is_sharded,
-    last_checkpoint_file,
-    launch_guarded,
     load_checked,
     load_tool_config,
     metrics_writer,
@@ -61,10 +61,10 @@ from revvit_d2.training import (  # noqa: E402
     setup_run,
     shard_for_training,
     tool_parser,
-    training_hooks,
+    train_from,
     unsharded_copy,
 )
-from revvit_d2.training.device import amp_dtype, training_device  # noqa: E402
+from revvit_d2.training.device import amp_dtype, set_num_threads, training_device  # noqa: E402
 from revvit_video.data import (  # noqa: E402
     NoReadableVideoError,
     build_kinetics_test_loader,
@@ -301,12 +301,8 @@ def do_train(args, cfg, device):
     sharded = fsdp_settings(cfg.train, amp_dtype(cfg.train)) is not None
     model, trainer, checkpointer, max_iter, ipe = build_training(
         cfg, device, point.seed, init_weights=point.path is None)
-    ckpt_cfg = cfg.train.get("checkpointer") or {}
-    trainer.register_hooks(training_hooks(
-        point.seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
-        int(cfg.train.get("eval_period") or 0), lambda: do_test(cfg, model, device),
-        eval_after_train=False,  # the final test below prints the summary
-        period=int(ckpt_cfg.get("period") or ipe), max_to_keep=ckpt_cfg.get("max_to_keep")))
+    trainer.register_hooks(epoch_training_hooks(cfg, point.seed, checkpointer,
+                                                lambda: do_test(cfg, model, device), ipe))
     if point.path:  # model, optimizer, grad scaler, iteration, data position
         resume_from_checkpoint(checkpointer, trainer, point)
     elif cfg.train.get("init_checkpoint") and not sharded:  # sharded: in build_training
@@ -318,14 +314,10 @@ def do_train(args, cfg, device):
                                                int(cfg.train.get("log_period", 20)),
                                                [VideoMetricPrinter(max_iter, ipe)])])
     trainer.data_loader.start_iter = point.start_iter
-    if point.start_iter < max_iter:
-        try:
-            trainer.train(point.start_iter, max_iter)
-        except NoReadableVideoError as e:
-            raise ToolError(str(e)) from None
-    else:
-        logger.info("checkpoint is at iteration %d >= max_iter %d: nothing to train",
-                    point.start_iter, max_iter)
+    try:
+        train_from(trainer, point.start_iter, max_iter)
+    except NoReadableVideoError as e:
+        raise ToolError(str(e)) from None
     loader = trainer.data_loader
     skipped = _gather_skipped(loader.skipped.entries())  # distinct entries, all processes
     if comm.is_main_process():
@@ -338,20 +330,13 @@ def do_train(args, cfg, device):
 def main(args):
     cfg, _ = load_config(args)
     setup_run(cfg, args, ("revvit_video", "revvit_d2", "run_video"))
-    threads = cfg.train.get("num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
+    set_num_threads(cfg.train)
     device = training_device(cfg.train)
     if args.eval_only:
         model = build_model(cfg, device)
-        init = cfg.train.get("init_checkpoint")
-        if args.resume:
-            init = last_checkpoint_file(cfg.train.output_dir) or init
+        init = eval_only_weights(cfg.train, args.resume)
         if init:
             load_weights(model, init, allow_unsafe_pickle=bool(cfg.train.allow_unsafe_pickle))
-        else:
-            logger.warning("no checkpoint (train.init_checkpoint is not set): testing randomly "
-                           "initialised weights, accuracy will be at chance level")
         return do_test(cfg, model, device, final=True)
     return do_train(args, cfg, device)
 
@@ -372,11 +357,7 @@ def check_inputs(args):
 
 
 def invoke_main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    return launch_guarded(main, args, check=check_inputs)
+    return invoke_tool(build_parser(), main, check_inputs, argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from revvit_d2.utils.errors import quiet_import_warnings
 
 quiet_import_warnings()  # before detectron2 imports
 
-import torch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
@@ -66,8 +65,9 @@ from revvit_d2.training import (  # noqa: E402
     build_trainer,
     check_start_checkpoint,
     ddp,
-    last_checkpoint_file,
-    launch_guarded,
+    epoch_training_hooks,
+    eval_only_weights,
+    invoke_tool,
     load_checked,
     load_tool_config,
     metrics_writer,
@@ -75,7 +75,7 @@ from revvit_d2.training import (  # noqa: E402
     resume_point,
     setup_run,
     tool_parser,
-    training_hooks,
+    train_from,
 )
 from revvit_d2.training.classification import (  # noqa: E402
     ClassificationMetricPrinter,
@@ -84,7 +84,7 @@ from revvit_d2.training.classification import (  # noqa: E402
     ImageClassificationLoss,
     evaluate_classifier,
 )
-from revvit_d2.training.device import amp_dtype, training_device  # noqa: E402
+from revvit_d2.training.device import amp_dtype, set_num_threads, training_device  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/ImageNet/rev_vit_test_train.py"
@@ -291,12 +291,8 @@ def do_train(args, cfg, device):
     checkpointer = AtomicCheckpointer(net, cfg.train.output_dir, trainer=trainer,
                                       save_to_disk=comm.is_main_process(),
                                       seed=SeedState(point.seed), allow_unsafe_pickle=unsafe)
-    ckpt_cfg = cfg.train.get("checkpointer") or {}
-    trainer.register_hooks(training_hooks(
-        point.seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
-        int(cfg.train.get("eval_period") or 0), lambda: do_test(cfg, net, device),
-        eval_after_train=False,  # the final test below prints the summary
-        period=int(ckpt_cfg.get("period") or ipe), max_to_keep=ckpt_cfg.get("max_to_keep")))
+    trainer.register_hooks(epoch_training_hooks(cfg, point.seed, checkpointer,
+                                                lambda: do_test(cfg, net, device), ipe))
     if point.path:  # model, optimizer, grad scaler, iteration
         resume_from_checkpoint(checkpointer, trainer, point)
     elif cfg.train.get("init_checkpoint"):
@@ -305,11 +301,7 @@ def do_train(args, cfg, device):
         trainer.register_hooks([metrics_writer(cfg.train.output_dir,
                                                int(cfg.train.get("log_period", 20)),
                                                [ClassificationMetricPrinter(max_iter, ipe)])])
-    if point.start_iter < max_iter:
-        trainer.train(point.start_iter, max_iter)
-    else:
-        logger.info("checkpoint is at iteration %d >= max_iter %d: nothing to train",
-                    point.start_iter, max_iter)
+    train_from(trainer, point.start_iter, max_iter)
     skipped = {}
     for part in comm.gather(loss.skipped):
         for k, v in (part or {}).items():
@@ -324,20 +316,13 @@ def do_train(args, cfg, device):
 def main(args):
     cfg, _ = load_config(args)
     setup_run(cfg, args, ("revvit_d2", "train_imagenet"))
-    threads = cfg.train.get("num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
+    set_num_threads(cfg.train)
     device = training_device(cfg.train)
     if args.eval_only:
         model = build_model(cfg, device)
-        init = cfg.train.get("init_checkpoint")
-        if args.resume:
-            init = last_checkpoint_file(cfg.train.output_dir) or init
+        init = eval_only_weights(cfg.train, args.resume)
         if init:
             load_weights(model, init, False, bool(cfg.train.allow_unsafe_pickle))
-        else:
-            logger.warning("no checkpoint (train.init_checkpoint is not set): testing randomly "
-                           "initialised weights, accuracy will be at chance level")
         return do_test(cfg, model, device, final=True)
     return do_train(args, cfg, device)
 
@@ -363,11 +348,7 @@ def check_inputs(args):
 
 
 def invoke_main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    return launch_guarded(main, args, check=check_inputs)
+    return invoke_tool(build_parser(), main, check_inputs, argv)
 
 
 if __name__ == "__main__":

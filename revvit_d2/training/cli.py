@@ -35,8 +35,9 @@ from ..utils.errors import EXIT_ERROR, UserError, one_line, print_error
 from .launch import DEFAULT_JOIN_TIMEOUT, LaunchError, launch, launch_plan
 from .lazyconfig import apply_overrides_strict, load_lazy_config
 
-__all__ = ["EXIT_ERROR", "ToolError", "build", "launch_guarded", "launch_on", "load_tool_config",
-           "one_line", "print_error", "processes_use_gpus", "run_guarded", "tool_parser"]
+__all__ = ["EXIT_ERROR", "ToolError", "build", "invoke_tool", "launch_guarded", "launch_on",
+           "load_tool_config", "one_line", "print_error", "processes_use_gpus", "run_guarded",
+           "tool_parser"]
 
 
 class ToolError(UserError):
@@ -159,6 +160,19 @@ def launch_guarded(main: Callable, args,
             return EXIT_ERROR
         raise
     return 0
+
+
+def invoke_tool(parser: argparse.ArgumentParser, main: Callable, check: Callable,
+                argv: Optional[Sequence[str]] = None) -> int:
+    """The entry point of the classification tools (``tools/train_imagenet.py``,
+    ``tools/run_video.py``): parse `argv`, send INFO log lines to stdout as
+    ``[HH:MM:SS name] LEVEL message``, and :func:`launch_guarded` ``main`` after ``check``.
+    Returns the exit status."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    return launch_guarded(main, args, check=check)
 
 
 def _positive_seconds(text: str) -> float:

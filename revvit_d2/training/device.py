@@ -1,5 +1,5 @@
 """The device and mixed-precision settings of a training tool's ``train`` section
-(``train.device``, ``train.amp``), read the same way by every tool."""
+(``train.device``, ``train.amp``, ``train.num_threads``), read the same way by every tool."""
 from typing import Optional
 
 import torch
@@ -7,7 +7,7 @@ from detectron2.utils import comm
 
 from .cli import ToolError
 
-__all__ = ["amp_dtype", "training_device"]
+__all__ = ["amp_dtype", "set_num_threads", "training_device"]
 
 
 def training_device(train_cfg) -> torch.device:
@@ -32,3 +32,11 @@ def amp_dtype(train_cfg) -> Optional[torch.dtype]:
     if name not in ("float16", "bfloat16"):
         raise ToolError(f"train.amp.dtype must be float16 or bfloat16, got {name!r}")
     return getattr(torch, name)
+
+
+def set_num_threads(train_cfg) -> None:
+    """``torch.set_num_threads(train.num_threads)`` when the key is set and not 0 (the CPU
+    demos leave a core to the data-loader worker); unset: torch's default."""
+    threads = train_cfg.get("num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))

@@ -1,5 +1,7 @@
-"""The parts of a training run that both training tools assemble the same way on detectron2's
-engine: per-process setup, the DDP wrapper, the hooks in their order, and the metric writers."""
+"""The parts of a training run that the training tools assemble the same way on detectron2's
+engine: per-process setup, the DDP wrapper, the hooks in their order, the metric writers, and
+(for the epoch-based classification tools, ``tools/train_imagenet.py`` and
+``tools/run_video.py``) their hooks, their training call and the weights ``--eval-only`` tests."""
 import logging
 import os
 from typing import Callable, Iterable, List, Optional
@@ -11,9 +13,12 @@ from detectron2.utils.events import EventWriter, JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from ..utils.seeding import set_deterministic
+from .checkpoint import last_checkpoint_file
+from .cli import build
 from .seeding import ReseedHook
 
-__all__ = ["build_trainer", "ddp", "metrics_writer", "setup_run", "training_hooks"]
+__all__ = ["build_trainer", "ddp", "epoch_training_hooks", "eval_only_weights", "metrics_writer",
+           "setup_run", "train_from", "training_hooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +89,40 @@ def metrics_writer(output_dir: str, log_period: int, printers: Iterable[EventWri
     writers = list(printers) + [JSONWriter(os.path.join(output_dir, "metrics.json"),
                                            window_size=log_period)]
     return hooks.PeriodicWriter(writers, period=log_period)
+
+
+def epoch_training_hooks(cfg, seed: int, checkpointer, test: Callable,
+                         iters_per_epoch: int) -> List:
+    """:func:`training_hooks` as the classification tools configure them: the schedule
+    ``cfg.lr_multiplier``, a checkpoint every ``train.checkpointer.period`` iterations (default:
+    one epoch) keeping ``train.checkpointer.max_to_keep``, `test` every ``train.eval_period``
+    iterations (0 or unset: never; the tools test once more after training themselves)."""
+    ckpt_cfg = cfg.train.get("checkpointer") or {}
+    return training_hooks(
+        seed, build(cfg.lr_multiplier, "the LR schedule"), checkpointer,
+        int(cfg.train.get("eval_period") or 0), test, eval_after_train=False,
+        period=int(ckpt_cfg.get("period") or iters_per_epoch),
+        max_to_keep=ckpt_cfg.get("max_to_keep"))
+
+
+def train_from(trainer, start_iter: int, max_iter: int) -> None:
+    """``trainer.train(start_iter, max_iter)``, or a logged line when a resumed checkpoint is
+    already at `max_iter` (the tool goes on to its final test)."""
+    if start_iter < max_iter:
+        trainer.train(start_iter, max_iter)
+    else:
+        logger.info("checkpoint is at iteration %d >= max_iter %d: nothing to train",
+                    start_iter, max_iter)
+
+
+def eval_only_weights(train_cfg, resume: bool) -> Optional[str]:
+    """The checkpoint ``--eval-only`` tests: with ``--resume`` the output directory's last one
+    (``train.init_checkpoint`` when there is none), else ``train.init_checkpoint``; None, with a
+    warning, when neither is set (randomly initialised weights)."""
+    init = train_cfg.get("init_checkpoint")
+    if resume:
+        init = last_checkpoint_file(train_cfg.output_dir) or init
+    if not init:
+        logger.warning("no checkpoint (train.init_checkpoint is not set): testing randomly "
+                       "initialised weights, accuracy will be at chance level")
+    return init or None
