@@ -22,17 +22,16 @@ from collections import defaultdict
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as nnf
 from torch import nn
 
 from detectron2.engine import AMPTrainer
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
-from timm.loss import SoftTargetCrossEntropy
 
 from revvit_d2.training.classification import (
     ClassificationMetricPrinter,
     ClassifierTrainer,
+    classification_loss,
+    record_training_step,
     topk_correct,
 )
 
@@ -200,23 +199,15 @@ class ClipClassificationLoss(nn.Module):
         self.net = net
         self.device = device
         self.label_smoothing = float(label_smoothing)
-        self.soft_loss = SoftTargetCrossEntropy()
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         videos = batch["video"].to(self.device, non_blocking=True)
-        labels = batch["label"].to(self.device, non_blocking=True)
+        targets = batch["label"].to(self.device, non_blocking=True)
         logits = self.net(videos)  # (B, K)
-        if labels.dim() == 2 and labels.is_floating_point():
-            loss = self.soft_loss(logits.float(), labels.float())
-            labels = labels.argmax(dim=1)  # the dominant class, for the accuracy
-        else:
-            loss = nnf.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        if comm.is_main_process():
-            storage = get_event_storage()
-            top1 = (logits.detach().argmax(dim=1) == labels).float().mean()
-            storage.put_scalar("train_top1", 100.0 * float(top1))
-            storage.put_scalar("clips", videos.shape[0] * comm.get_world_size(),
-                               smoothing_hint=False)
+        loss = classification_loss(logits, targets, self.label_smoothing)
+        # soft targets: the accuracy is against their dominant class
+        labels = targets.argmax(dim=1) if targets.dim() == 2 else targets
+        record_training_step(logits, labels, "clips", videos.shape[0])
         return {"loss_cls": loss}
 
 

@@ -9,11 +9,13 @@ trainer with gradient clipping, the progress line and a distributed top-1 / top-
   ``AMPTrainer`` plus optional L2 gradient clipping (after unscaling under AMP), which the
   LazyConfig path of detectron2 lacks.
 * :class:`ClassificationMetricPrinter`: ``iter 40/120  epoch 3.3/10  loss 0.912  lr ...``.
+* :func:`classification_loss`, :func:`record_training_step`: the loss of one step (hard labels
+  or soft targets) and what it records in the event storage, shared with the clip loss.
 * :func:`topk_correct`, :func:`evaluate_classifier`: single-crop top-1 / top-5 over a loader of
   ``{"images", "targets", "skipped"}`` batches, summed over the processes.
 
-The video trainer (``revvit_video.engine``) builds on the trainer, the printer and
-:func:`topk_correct`, adding the data position of its loader.
+The video trainer (``revvit_video.engine``) builds on the loss step, the trainer, the printer
+and :func:`topk_correct`, adding the data position of its loader.
 """
 import datetime
 import logging
@@ -33,17 +35,42 @@ __all__ = [
     "ClassifierTrainer",
     "ClassifierAMPTrainer",
     "ClassificationMetricPrinter",
+    "classification_loss",
+    "record_training_step",
     "topk_correct",
     "evaluate_classifier",
 ]
 
 logger = logging.getLogger(__name__)
+_SOFT_CE = SoftTargetCrossEntropy()  # stateless
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """(N,) bool: whether each label is among the k highest scores (k capped at K)."""
     k = min(int(k), logits.shape[1])
     return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """The float32 loss of ``(B, K)`` logits: cross-entropy with `label_smoothing` against
+    ``(B,)`` class indices, or timm's ``SoftTargetCrossEntropy`` against ``(B, K)`` soft targets
+    (Mixup / CutMix; they carry their own smoothing, `label_smoothing` is not applied again)."""
+    if targets.dim() == 2 and targets.is_floating_point():
+        return _SOFT_CE(logits.float(), targets.float())
+    return nnf.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def record_training_step(logits: torch.Tensor, labels: torch.Tensor, unit: str,
+                         batch_size: int) -> None:
+    """On the main process, in detectron2's event storage: ``train_top1`` (the batch's accuracy
+    against the ``(B,)`` `labels`, in %) and `unit` (the samples of the step over all
+    processes, for samples/s: ``images``, ``clips``)."""
+    if comm.is_main_process():
+        storage = get_event_storage()
+        top1 = (logits.detach().argmax(dim=1) == labels).float().mean()
+        storage.put_scalar("train_top1", 100.0 * float(top1))
+        storage.put_scalar(unit, batch_size * comm.get_world_size(), smoothing_hint=False)
 
 
 class ImageClassificationLoss(nn.Module):
@@ -67,7 +94,6 @@ class ImageClassificationLoss(nn.Module):
         self.device = device
         self.mixup = mixup
         self.label_smoothing = float(label_smoothing)
-        self.soft_ce = SoftTargetCrossEntropy()
         self.skipped: Dict[str, str] = {}
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
@@ -78,20 +104,15 @@ class ImageClassificationLoss(nn.Module):
                 self.skipped[s.path] = s.reason
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["targets"].to(self.device, non_blocking=True)
-        if self.mixup is not None:
-            images, soft = self.mixup(images, labels)  # draws from the reseeded global RNGs
-            logits = self.net(images)
-            loss = self.soft_ce(logits.float(), soft)
-        else:
-            logits = self.net(images)
-            loss = nnf.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        targets = labels
+        if self.mixup is not None:  # soft targets; draws from the reseeded global RNGs
+            images, targets = self.mixup(images, labels)
+        logits = self.net(images)
+        loss = classification_loss(logits, targets, self.label_smoothing)
+        record_training_step(logits, labels, "images", images.shape[0])  # top-1 of mixed images
         if comm.is_main_process():
-            storage = get_event_storage()
-            top1 = (logits.detach().argmax(dim=1) == labels).float().mean()
-            storage.put_scalar("train_top1", 100.0 * float(top1))  # of the mixed images
-            storage.put_scalar("images", images.shape[0] * comm.get_world_size(),
-                               smoothing_hint=False)
-            storage.put_scalar("skipped_images", len(self.skipped), smoothing_hint=False)
+            get_event_storage().put_scalar("skipped_images", len(self.skipped),
+                                           smoothing_hint=False)
         return {"loss_cls": loss}
 
 
