@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 
 import revvit_d2
@@ -45,6 +46,9 @@ CASES = {
     "mvit_adamw": ("rev_mvit_test", dict(_REGULARIZED, parallel_backward=True), "adamw", 3,
                    False),
     "vit_bf16": ("rev_vit_test", dict(depth=3, embed_dim=32), None, 1, True),
+    # F and G compiled (torch.compile, inductor): no dropout, the compiled RNG is not eager's
+    "vit_compiled": ("rev_vit_test", dict(depth=2, embed_dim=32, compile_blocks=True), None, 1,
+                     False),
     # HSDP: a 2-D mesh (replicate x shard), 4 processes only
     "vit_hsdp": ("rev_vit_test", dict(_REGULARIZED, depth=2, embed_dim=32), None, 1, False),
     # the Detectron2 backbones: Rev-ViT with its stem and first block frozen (the first anchor
@@ -181,6 +185,7 @@ def run_case(case, rank, world):
             opt.step()
     left_gathered = sum(not isinstance(next(blk.parameters()), DTensor) for blk in blocks)
     out = {"peak": peak[0], "left_gathered": left_gathered, "blocks": len(blocks),
+           "graphs": counters["stats"]["unique_graphs"],  # compiled so far in this process
            "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()
                                   if p.grad is not None})}
     if opt is not None:

@@ -127,6 +127,16 @@ def test_engine_gathers_and_releases_each_block(request, world):
         assert r["grad_dtypes"] == ["torch.float32"], (case, r["grad_dtypes"])
 
 
+def test_compiled_blocks_were_compiled_under_fsdp(results2):
+    """The vit_compiled case (gradients: test_sharded_gradients_equal_single_process) ran F and
+    G as compiled graphs on the gathered parameters, not eagerly; the uncompiled cases before it
+    in the same process compiled nothing."""
+    order = list(results2)
+    first = order.index("vit_compiled")
+    assert all(results2[c]["graphs"] == 0 for c in order[:first])
+    assert results2["vit_compiled"]["graphs"] >= 2
+
+
 def test_mixed_precision_bf16_params_fp32_reduction(results2):
     """bf16 parameters, fp32 reduction, autocast around the forward: the sharded gradients are
     fp32 and close to the fp32 single-process ones."""
