@@ -1,5 +1,6 @@
 """Tool runs in subprocesses, shared by the tests that start, kill and compare them
-(test_resume.py, test_fsdp_tools.py, test_multi_machine.py)."""
+(test_resume.py, test_fsdp_tools.py, test_multi_machine.py) and by those that check a bad
+input's one error line (test_bad_input.py, test_train_imagenet.py, test_own_data_videos.py)."""
 import json
 import os
 import signal
@@ -10,6 +11,18 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, needle: str) -> str:
+    """The finished tool run `proc` failed with exit status 1 and exactly one line on stderr, an
+    ``error: `` line containing `needle`, and no traceback anywhere; returns that line."""
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    both = proc.stdout + proc.stderr
+    assert "Traceback" not in both, both[max(0, both.find("Traceback") - 800):][:3000]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 def start_tool(tool, args, cwd, env) -> subprocess.Popen:

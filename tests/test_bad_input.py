@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _runs import assert_one_error_line
 from revvit_d2 import create_model
 
 pytestmark = pytest.mark.slow  # every case runs a tool in a subprocess (make test, not test-fast)
@@ -157,12 +158,7 @@ def test_bad_input_is_one_error_line_and_nothing_half_written(tool, case, inputs
                PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, str(TOOLS / tool), *map(str, args)], cwd=str(work),
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    assert needle in lines[0], lines[0]
-
+    assert_one_error_line(proc, needle)
     assert not list(work.iterdir())
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if tool in ("train_net.py", "run_video.py"):

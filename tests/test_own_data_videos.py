@@ -19,6 +19,7 @@ from _media import FPS, GOOD_FRAMES, SHORT, write_audio_only, write_video  # noq
 from _media import GOOD_VIDEOS as GOOD
 from _media import need_codec as _need_codec
 from _media import write_bad_videos as _write_bad
+from _runs import assert_one_error_line
 
 av = pytest.importorskip("av")
 
@@ -310,7 +311,4 @@ def test_run_video_nothing_usable_is_one_error_line(own, tmp_path):
                           (["--eval-only"], f"could be used ({n} skipped: 2 no video stream")):
         proc = subprocess.run([sys.executable, str(TOOL), *extra, *common], capture_output=True,
                               text=True, env=env, cwd=str(ROOT), timeout=600)
-        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-        assert needle in lines[0], lines[0]
+        assert_one_error_line(proc, needle)

@@ -66,7 +66,6 @@ from revvit_d2.training import (  # noqa: E402
 )
 from revvit_d2.training.device import amp_dtype, set_num_threads, training_device  # noqa: E402
 from revvit_video.data import (  # noqa: E402
-    NoReadableVideoError,
     build_kinetics_test_loader,
     build_kinetics_train_loader,
     format_skip_counts,
@@ -314,10 +313,7 @@ def do_train(args, cfg, device):
                                                int(cfg.train.get("log_period", 20)),
                                                [VideoMetricPrinter(max_iter, ipe)])])
     trainer.data_loader.start_iter = point.start_iter
-    try:
-        train_from(trainer, point.start_iter, max_iter)
-    except NoReadableVideoError as e:
-        raise ToolError(str(e)) from None
+    train_from(trainer, point.start_iter, max_iter)  # no readable video: one error line
     loader = trainer.data_loader
     skipped = _gather_skipped(loader.skipped.entries())  # distinct entries, all processes
     if comm.is_main_process():

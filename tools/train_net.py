@@ -72,6 +72,7 @@ from revvit_d2.training import (  # noqa: E402
     setup_run,
     shard_for_training,
     tool_parser,
+    train_from,
     training_hooks,
     unsharded_copy,
 )
@@ -107,13 +108,6 @@ def _resumable(loader_cfg, seed: int, start_iter: int):
         logger.warning("dataloader.train is not detectron2's build_detection_train_loader without "
                        "a sampler: --resume restarts its data order")
     return loader_cfg
-
-
-def _no_traceback_for_expected(record: logging.LogRecord) -> bool:
-    """detectron2's trainer logs every exception with its traceback before re-raising it; an
-    expected one (e.g. NoUsableImagesError from the data loader) is printed as one error line
-    instead."""
-    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 def _amp_dtype(cfg):
@@ -172,8 +166,7 @@ def do_train(args, cfg):
         trainer.register_hooks([metrics_writer(
             cfg.train.output_dir, cfg.train.log_period,
             [CommonMetricPrinter(cfg.train.max_iter), TensorboardXWriter(cfg.train.output_dir)])])
-    logging.getLogger("detectron2.engine.train_loop").addFilter(_no_traceback_for_expected)
-    trainer.train(point.start_iter, cfg.train.max_iter)
+    train_from(trainer, point.start_iter, cfg.train.max_iter)
     # Distinct files over all loader workers, per reason; e.g. "3 training image(s) were
     # skipped: 2 unreadable, 1 size differs from the annotation".
     summary = d2_data.skip_summary(is_train=True, what="training image(s)")

@@ -54,6 +54,7 @@ import torch
 from pytorchvideo.data import make_clip_sampler
 from torch.utils.data import DataLoader, Sampler
 
+from revvit_d2.utils.errors import UserError
 from revvit_d2.utils.seeding import derive_seed, seeded_rng
 
 from .augment import RepeatedAugmentation, check_train_augmentation, flatten_repeated
@@ -80,8 +81,9 @@ __all__ = [
 ] + _DATASET_NAMES
 
 
-class NoReadableVideoError(RuntimeError):
-    """A whole pass over the training list produced no clip (every video is unreadable)."""
+class NoReadableVideoError(UserError, RuntimeError):
+    """A whole pass over the training list produced no clip (every video is unreadable): an
+    input error, reported by the tools as one line."""
 
 
 def clip_duration(num_frames: int, sampling_rate: int, target_fps: float) -> Fraction:

@@ -12,6 +12,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, JSONWriter
 from detectron2.utils.logger import setup_logger
 
+from ..utils.errors import UserError
 from ..utils.seeding import set_deterministic
 from .checkpoint import last_checkpoint_file
 from .cli import build
@@ -105,9 +106,18 @@ def epoch_training_hooks(cfg, seed: int, checkpointer, test: Callable,
         max_to_keep=ckpt_cfg.get("max_to_keep"))
 
 
+def _no_traceback_for_expected(record: logging.LogRecord) -> bool:
+    """detectron2's trainer logs every exception with its traceback before re-raising it; an
+    expected one (a :class:`UserError`, e.g. no usable image or video in a whole pass) reaches
+    the user as the tool's one error line instead."""
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
 def train_from(trainer, start_iter: int, max_iter: int) -> None:
     """``trainer.train(start_iter, max_iter)``, or a logged line when a resumed checkpoint is
-    already at `max_iter` (the tool goes on to its final test)."""
+    already at `max_iter` (the tool goes on to its final test). A :class:`UserError` raised in
+    the loop propagates without detectron2's logged traceback."""
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_no_traceback_for_expected)
     if start_iter < max_iter:
         trainer.train(start_iter, max_iter)
     else:
