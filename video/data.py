@@ -82,8 +82,7 @@ __all__ = [
 
 
 class NoReadableVideoError(UserError, RuntimeError):
-    """A whole pass over the training list produced no clip (every video is unreadable): an
-    input error, reported by the tools as one line."""
+    """A whole pass over the training list produced no clip: an input error (one line)."""
 
 
 def clip_duration(num_frames: int, sampling_rate: int, target_fps: float) -> Fraction:
